@@ -1,0 +1,432 @@
+"""The streaming pipeline and the exchange around it, in memory, on a mock clock.
+
+Every test here runs with ``autojump_clock``: time only moves when every task
+is blocked, so timeouts fire exactly at their deadline and a test that waits
+minutes of gateway time takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from tests.helpers import (
+    PUBLIC_MODEL,
+    STALL,
+    UPSTREAM_KEY,
+    UPSTREAM_MODEL,
+    AsgiCall,
+    FakeResponse,
+    make_gateway,
+    sse,
+)
+from trio_gateway._config import Timeouts
+from trio_gateway._pipeline import KEEPALIVE_COMMENT
+from trio_gateway._rewrite import GATEWAY_COMMENT
+from trio_gateway.sse import SSEDecoder
+
+DATA = Path(__file__).parent / "data"
+KINDS = {
+    "chat": ("/v1/chat/completions", DATA / "chat.sse"),
+    "messages": ("/v1/messages", DATA / "messages.sse"),
+    "responses": ("/v1/responses", DATA / "responses.sse"),
+}
+# The event that would claim a clean, complete answer, per kind.
+CLEAN_END = {"chat": "[DONE]", "messages": "message_stop", "responses": "response.completed"}
+
+
+def request_for(kind: str, **kwargs: Any) -> AsgiCall:
+    path, _ = KINDS[kind]
+    payload: dict[str, Any] = {"model": PUBLIC_MODEL, "stream": True, "messages": []}
+    if kind == "responses":
+        payload = {"model": PUBLIC_MODEL, "stream": True, "input": "hi"}
+    return AsgiCall.json(payload, path=path, **kwargs)
+
+
+def stream_bytes(kind: str) -> bytes:
+    return KINDS[kind][1].read_bytes()
+
+
+def event_payloads(call: AsgiCall) -> list[Any]:
+    return [orjson.loads(e.data) for e in call.events if e.data and e.data != "[DONE]"]
+
+
+def assert_clean_and_rewritten(kind: str, call: AsgiCall) -> None:
+    """The whole example stream arrived, rewritten, ending as upstream ended it."""
+    assert call.status == 200
+    assert call.ended
+    text = call.text
+    assert UPSTREAM_MODEL.encode() not in text
+    assert b'"cost"' not in text
+    assert b"is_byok" not in text
+    assert b"cost_details" not in text
+    assert b"OPENROUTER" not in text
+    events = call.events
+    if kind == "chat":
+        assert events[0].comment == "trio-gateway"
+        assert events[-1].data == "[DONE]"
+        chunks = event_payloads(call)
+        assert all(chunk["model"] == PUBLIC_MODEL for chunk in chunks)
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+        assert content == "Hello world, this is"
+        assert chunks[-1]["usage"]["prompt_tokens"] == 42
+    elif kind == "messages":
+        assert events[-1].event == "message_stop"
+        start = orjson.loads(events[0].data or "")
+        assert start["message"]["model"] == PUBLIC_MODEL
+        assert start["message"]["usage"]["input_tokens"] == 42
+        assert [e.event for e in events].count("content_block_delta") == 5
+    else:
+        assert events[-1].event == "response.completed"
+        done = orjson.loads(events[-1].data or "")
+        assert done["response"]["model"] == PUBLIC_MODEL
+        assert done["response"]["usage"]["output_tokens"] == 5
+        assert [orjson.loads(e.data or "")["sequence_number"] for e in events] == list(range(11))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stream_is_rewritten_per_kind(kind: str, autojump_clock: trio.testing.MockClock):
+    gateway, upstream = make_gateway(FakeResponse(body=[stream_bytes(kind)]))
+    call = await request_for(kind).run(gateway)
+    assert_clean_and_rewritten(kind, call)
+    assert call.response_headers[b"cache-control"] == b"no-cache, no-transform"
+    assert call.response_headers[b"x-accel-buffering"] == b"no"
+    assert b"content-length" not in call.response_headers
+    assert upstream.request_json["model"] == UPSTREAM_MODEL
+
+
+def every_chunking(data: bytes) -> list[tuple[str, list[bytes]]]:
+    """Whole, one byte at a time, and a spread of two-way splits."""
+    splits = [(f"split@{i}", [data[:i], data[i:]]) for i in range(1, len(data), 37)]
+    return [("whole", [data]), ("bytewise", [bytes([b]) for b in data]), *splits]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_any_chunking_gives_the_same_client_stream(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    data = stream_bytes(kind)
+    outputs = set()
+    for _, chunks in every_chunking(data):
+        gateway, _ = make_gateway(FakeResponse(body=list(chunks)))
+        call = await request_for(kind).run(gateway)
+        assert_clean_and_rewritten(kind, call)
+        outputs.add(call.text)
+    assert len(outputs) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "untouched"),
+    [("messages", "content_block_delta"), ("responses", "response.output_text.delta")],
+)
+async def test_unchanged_events_pass_byte_for_byte(
+    kind: str, untouched: str, autojump_clock: trio.testing.MockClock
+):
+    data = stream_bytes(kind).replace(b"\n", b"\r\n")  # CRLF: any re-encoding would show
+    gateway, _ = make_gateway(FakeResponse(body=[data]))
+    call = await request_for(kind).run(gateway)
+    decoder = SSEDecoder()
+    sent = [e.raw for e in decoder.feed(data) if e.event == untouched]
+    received = [e.raw for e in call.events if e.event == untouched]
+    assert len(sent) == 5
+    assert received == sent
+    # ...while the events that carry the model were re-encoded compactly.
+    assert b"\r\n" not in next(e.raw for e in call.events if e.event != untouched)
+
+
+async def test_crlf_split_utf8_split_bom_and_missing_final_blank_line(
+    autojump_clock: trio.testing.MockClock,
+):
+    chunk = {"id": "g", "model": UPSTREAM_MODEL, "choices": [{"delta": {"content": "naïve 🙂"}}]}
+    body = b"\xef\xbb\xbf" + b"data: " + orjson.dumps(chunk) + b"\r\n\r\n"
+    body += b"data: " + orjson.dumps({**chunk, "id": "last"})  # no blank line, no line end
+    # Split inside the BOM, inside the emoji, and between CR and LF.
+    emoji_at = body.index("🙂".encode()) + 2
+    crlf_at = body.index(b"\r\n") + 1
+    cuts = sorted({2, emoji_at, crlf_at})
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    gateway, _ = make_gateway(FakeResponse(body=pieces))
+    call = await request_for("chat").run(gateway)
+    payloads = event_payloads(call)
+    assert [p["choices"][0]["delta"]["content"] for p in payloads] == ["naïve 🙂"] * 2
+    assert payloads[-1]["id"] == "last"
+    assert call.text.endswith(b"\n\n"), "the final event goes out terminated"
+
+
+async def test_chat_strict_client_fixes(autojump_clock: trio.testing.MockClock):
+    body = sse(
+        {
+            "id": "a",
+            "model": UPSTREAM_MODEL,
+            "choices": [{"delta": {"role": None, "content": "x"}}],
+        },
+        {"id": "a", "model": UPSTREAM_MODEL, "usage": {"prompt_tokens": 3, "cost": 1.5}},
+        {"id": "a", "model": UPSTREAM_MODEL, "choices": [], "usage": {"prompt_tokens_details": {}}},
+        "[DONE]",
+    )
+    gateway, _ = make_gateway(FakeResponse(body=body))
+    call = await request_for("chat").run(gateway)
+    first, second, third = event_payloads(call)
+    assert first["choices"][0]["delta"] == {"content": "x"}
+    assert second["choices"] == []
+    assert second["usage"] == {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert third["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_paid_model_keeps_cost(autojump_clock: trio.testing.MockClock):
+    gateway, _ = make_gateway(FakeResponse(body=[stream_bytes("chat")]), free=False)
+    call = await request_for("chat").run(gateway)
+    assert event_payloads(call)[-1]["usage"]["cost"] == 0.00123
+
+
+async def test_done_only_if_upstream_sent_it_and_last(autojump_clock: trio.testing.MockClock):
+    data = stream_bytes("chat").replace(b"data: [DONE]\n\n", b"")
+    gateway, _ = make_gateway(FakeResponse(body=[data]))
+    call = await request_for("chat").run(gateway)
+    assert call.ended
+    assert all(e.data != "[DONE]" for e in call.events)
+
+    # Sent early, [DONE] is still delivered last.
+    early = [*sse("[DONE]"), data]
+    gateway, _ = make_gateway(FakeResponse(body=early))
+    call = await request_for("chat").run(gateway)
+    assert call.events[-1].data == "[DONE]"
+    assert [e.data for e in call.events].count("[DONE]") == 1
+
+
+def cut_points(data: bytes) -> list[int]:
+    return sorted({1, 10, len(data) // 3, len(data) // 2, len(data) - 20, len(data) - 1})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "error", [httpx.RemoteProtocolError("peer closed"), httpx.ReadError("reset by peer")]
+)
+async def test_upstream_failure_mid_stream_ends_with_error_event(
+    kind: str, error: Exception, autojump_clock: trio.testing.MockClock
+):
+    data = stream_bytes(kind)
+    for cut in cut_points(data):
+        gateway, upstream = make_gateway(FakeResponse(body=[data[:cut], error]))
+        call = await request_for(kind).run(gateway)
+        assert call.status == 200
+        assert call.ended
+        last = call.events[-1]
+        clean = [e for e in call.events if CLEAN_END[kind] in (e.data or "", e.event)]
+        assert not clean, f"cut at {cut}: a failure must not look like a clean end"
+        if kind == "chat":
+            payload = orjson.loads(last.data or "")
+            assert payload["error"]["code"] == 503
+            assert payload["error"]["type"] == "upstream_reset"
+        elif kind == "messages":
+            assert last.event == "error"
+            assert orjson.loads(last.data or "")["error"]["type"] == "api_error"
+        else:
+            assert last.event == "error"
+            payload = orjson.loads(last.data or "")
+            before = [orjson.loads(e.data or "") for e in call.events[:-1]]
+            expected = max((p["sequence_number"] for p in before), default=-1) + 1
+            assert payload["sequence_number"] == expected
+            assert payload["param"] is None
+        assert upstream.bodies[0].closed_at is not None
+
+
+async def test_idle_timeout_ends_stream_with_error(autojump_clock: trio.testing.MockClock):
+    data = stream_bytes("chat")
+    timeouts = Timeouts(idle=30, keepalive=0)
+    gateway, upstream = make_gateway(FakeResponse(body=[data[:400], STALL]), timeouts=timeouts)
+    start = trio.current_time()
+    call = await request_for("chat").run(gateway)
+    assert trio.current_time() - start == pytest.approx(30)
+    error = orjson.loads(call.events[-1].data or "")["error"]
+    assert error["type"] == "idle_timeout"
+    assert error["code"] == 504
+    assert upstream.bodies[0].closed_at == pytest.approx(start + 30)
+
+
+async def test_keepalive_during_silence_never_splits_an_event(
+    autojump_clock: trio.testing.MockClock,
+):
+    event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    body = [event[:10], 40.0, event[10:], "[DONE]"]
+    timeouts = Timeouts(keepalive=15, idle=100)
+    gateway, _ = make_gateway(
+        FakeResponse(body=[b if not isinstance(b, str) else sse(b)[0] for b in body]),
+        timeouts=timeouts,
+    )
+    call = await request_for("chat").run(gateway)
+    assert call.parts[:2] == [KEEPALIVE_COMMENT, KEEPALIVE_COMMENT]
+    assert call.part_times[1] - call.part_times[0] == pytest.approx(15)
+    # The event went out whole, after the keepalives.
+    assert orjson.loads(call.events[2].data or "")["model"] == PUBLIC_MODEL
+    assert call.events[-1].data == "[DONE]"
+
+
+async def test_keepalive_off(autojump_clock: trio.testing.MockClock):
+    body = [60.0, *sse("[DONE]")]
+    gateway, _ = make_gateway(FakeResponse(body=body), timeouts=Timeouts(keepalive=float("inf")))
+    call = await request_for("chat").run(gateway)
+    assert KEEPALIVE_COMMENT not in call.text
+
+
+async def test_upstream_comments_replaced_by_gateway_comment(
+    autojump_clock: trio.testing.MockClock,
+):
+    body = [b": OPENROUTER PROCESSING\n\n", b":\n", *sse("[DONE]")]
+    gateway, _ = make_gateway(FakeResponse(body=body))
+    call = await request_for("chat").run(gateway)
+    assert call.text == GATEWAY_COMMENT * 2 + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_client_disconnect_closes_upstream_at_once(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    events = stream_bytes(kind).split(b"\n\n")
+    body: list[Any] = []
+    for raw in events[:4]:
+        body += [raw + b"\n\n", 1.0]
+    body.append(STALL)
+    gateway, upstream = make_gateway(FakeResponse(body=body))
+    call = request_for(kind)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(2.5)
+        left_at = trio.current_time()
+        call.disconnect()
+    assert upstream.bodies[0].closed_at == left_at
+    assert not call.ended
+
+
+async def test_stalled_client_releases_upstream(autojump_clock: trio.testing.MockClock):
+    data = stream_bytes("chat")
+    events = [raw + b"\n\n" for raw in data.split(b"\n\n") if raw]
+    timeouts = Timeouts(client_stall=20, keepalive=0)
+    gateway, upstream = make_gateway(FakeResponse(body=events), timeouts=timeouts)
+    call = request_for("chat")
+    call.reading = trio.Event()  # the client never reads
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(25)
+        assert upstream.bodies[0].closed_at == pytest.approx(20)
+        assert not call.parts
+        call.reading.set()  # the client wakes up: it learns the stream failed
+    last = orjson.loads(call.events[-1].data or "")
+    assert last["error"]["type"] == "client_stall"
+    assert all(e.data != "[DONE]" for e in call.events)
+
+
+async def test_slow_client_slows_the_upstream_read(autojump_clock: trio.testing.MockClock):
+    chunk = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    gateway, upstream = make_gateway(FakeResponse(body=[chunk] * 200 + sse("[DONE]")))
+    call = request_for("chat", send_delay=1.0)
+    lead = []
+
+    async def watch() -> None:
+        while not call.ended:
+            if upstream.bodies:
+                lead.append(upstream.bodies[0].chunks_yielded - len(call.parts))
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        nursery.start_soon(watch)
+    assert len(call.parts) == 201
+    # The reader is never more than the chunk in the writer's hands and the
+    # one waiting to be handed over ahead of what the client has taken.
+    assert max(lead) <= 2
+
+
+async def test_runaway_event_is_a_rewrite_error(autojump_clock: trio.testing.MockClock):
+    body = [b"data: " + b"x" * 1000] * 2000  # never a line end
+    gateway, upstream = make_gateway(FakeResponse(body=body), max_event_bytes=64 * 1024)
+    call = await request_for("messages").run(gateway)
+    last = call.events[-1]
+    assert last.event == "error"
+    assert "grew past" in orjson.loads(last.data or "")["error"]["message"]
+    assert upstream.bodies[0].chunks_yielded < 100
+    assert upstream.bodies[0].closed_at is not None
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type"),
+    [
+        (httpx.ConnectError("refused"), 502, "upstream_unreachable"),
+        (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"),
+        (httpx.RemoteProtocolError("closed"), 502, "upstream_unreachable"),
+    ],
+)
+async def test_failure_before_headers_is_json_error(
+    error: Exception, status: int, error_type: str, autojump_clock: trio.testing.MockClock
+):
+    for kind in KINDS:
+        gateway, _ = make_gateway(FakeResponse(error=error))
+        call = await request_for(kind).run(gateway)
+        assert call.status == status
+        body = call.json_body()
+        if kind == "messages":
+            assert body["type"] == "error"
+            assert body["error"]["type"] == "api_error"
+        else:
+            assert body["error"]["code"] == error_type
+        assert UPSTREAM_KEY.encode() not in call.text
+        assert b"upstream.invalid" not in call.text
+
+
+async def test_first_byte_timeout(autojump_clock: trio.testing.MockClock):
+    timeouts = Timeouts(first_byte=120)
+    gateway, _ = make_gateway(FakeResponse(headers_delay=1e6), timeouts=timeouts)
+    start = trio.current_time()
+    call = await request_for("chat").run(gateway)
+    assert trio.current_time() - start == pytest.approx(120)
+    assert call.status == 504
+    assert "120 s" in call.json_body()["error"]["message"]
+
+
+async def test_client_disconnect_before_headers_cancels_request(
+    autojump_clock: trio.testing.MockClock,
+):
+    gateway, upstream = make_gateway(FakeResponse(headers_delay=1e6))
+    call = request_for("chat")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(5)
+        call.disconnect()
+    assert trio.current_time() == pytest.approx(5)
+    assert call.status is None
+    assert len(upstream.requests) == 1
+
+
+async def test_shutdown_drain_ends_open_streams_with_error(
+    autojump_clock: trio.testing.MockClock,
+):
+    data = stream_bytes("messages")
+    gateway, upstream = make_gateway(FakeResponse(body=[data[:300], STALL]))
+    call = request_for("messages")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(1)
+        await gateway.drain(grace=10)
+    assert trio.current_time() == pytest.approx(11)
+    last = call.events[-1]
+    assert last.event == "error"
+    assert "shutting down" in orjson.loads(last.data or "")["error"]["message"]
+    assert upstream.bodies[0].closed_at == pytest.approx(11)
+
+
+async def test_drain_returns_early_when_streams_finish(autojump_clock: trio.testing.MockClock):
+    data = stream_bytes("chat")
+    gateway, _ = make_gateway(FakeResponse(body=[data[:300], 3.0, data[300:]]))
+    call = request_for("chat")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(1)
+        await gateway.drain(grace=100)
+        assert trio.current_time() == pytest.approx(3)
+    assert_clean_and_rewritten("chat", call)

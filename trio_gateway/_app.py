@@ -1,0 +1,422 @@
+"""The ASGI application: routing, authentication, request checks, and one exchange.
+
+Theory of operation
+===================
+
+Each proxied request is handled in the task hypercorn gives it:
+
+1. Checks that need no upstream happen first, each answered in the
+   endpoint's own error shape: route and method, client key, body size (read
+   with a bound, never buffered past it), content type, JSON, model.
+2. The request body is rebuilt with the upstream model name (and, for
+   streamed chat, ``stream_options.include_usage``), and sent with fresh
+   headers (:mod:`trio_gateway._upstream`).
+3. The exchange runs in a nursery beside a **disconnect watcher** blocked on
+   ASGI ``receive()``. Hypercorn reports a client that left as
+   ``http.disconnect`` but does not cancel the app, so the watcher cancels
+   the nursery (reason "client disconnected"); everything upstream-side
+   unwinds and the upstream socket closes.
+4. A 2xx event stream goes through :func:`trio_gateway._pipeline.stream_events`;
+   anything else (JSON, errors, a stray HTML page) is read whole, bounded by
+   ``max_upstream_body_bytes``, rewritten if it is JSON, and sent at once.
+
+Shutdown: :meth:`Gateway.drain` gives open streams ``timeouts.shutdown``
+seconds, then stops their upstream reads so each ends with its kind's error
+event rather than a cut connection.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+from trio_gateway._config import GatewayConfig, ModelRoute
+from trio_gateway._kinds import Failure, FailureType, Kind, error_body
+from trio_gateway._multipart import MultipartError, replace_form_field
+from trio_gateway._pipeline import stream_events
+from trio_gateway._policy_chat import ChatPolicy
+from trio_gateway._policy_messages import MessagesPolicy
+from trio_gateway._policy_responses import ResponsesPolicy
+from trio_gateway._rewrite import Policy, StreamRewriter, rewrite_json_body
+from trio_gateway._upstream import (
+    ReadControl,
+    UpstreamError,
+    Upstreams,
+    close_response,
+    next_chunk,
+    raw_chunks,
+)
+
+__all__ = ["Gateway"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_ROUTES = {"/v1" + kind.path: kind for kind in Kind}
+_POLICIES: dict[Kind, type[Policy]] = {
+    Kind.CHAT: ChatPolicy,
+    Kind.MESSAGES: MessagesPolicy,
+    Kind.RESPONSES: ResponsesPolicy,
+}
+# Upstream response headers a client may see; everything else (cookies, provider
+# identity, content-length of a body we rewrite) stays behind.
+_PASSED_RESPONSE_HEADERS = ("retry-after",)
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class RequestError(Exception):
+    """A client mistake, answered with ``status`` in the endpoint's error shape."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class Gateway:
+    """The ASGI app. ``transport`` replaces the upstream network in tests."""
+
+    def __init__(
+        self, config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.upstreams = Upstreams(config, transport=transport)
+        self._open_streams: set[ReadControl] = set()
+        self._streams_changed = trio.Event()
+        self._models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "trio-gateway"}
+                    for name in config.models
+                ],
+            }
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.upstreams.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def drain(self, grace: float) -> None:
+        """Let open streams finish for ``grace`` seconds, then end the rest with an error.
+
+        A checkpoint. Streams it stops still send their kind's error event.
+        """
+        with trio.move_on_after(grace):
+            while self._open_streams:
+                self._streams_changed = trio.Event()
+                await self._streams_changed.wait()
+        failure = Failure(FailureType.SHUTDOWN, "the gateway is shutting down")
+        for control in list(self._open_streams):
+            control.stop(failure)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = uuid.uuid4().hex
+        path: str = scope["path"]
+        kind = _ROUTES.get(path)
+        try:
+            if path == "/healthz":
+                _require_method(scope, "GET")
+                await _send_json(send, 200, b'{"status":"ok"}', request_id)
+            elif path == "/v1/models":
+                _require_method(scope, "GET")
+                self._authenticate(scope)
+                await _send_json(send, 200, self._models_body, request_id)
+            elif kind is not None:
+                _require_method(scope, "POST")
+                await self._proxy(kind, scope, receive, send, request_id)
+            else:
+                raise RequestError(404, f"no such endpoint: {path}", "not_found")
+        except RequestError as exc:
+            extra = [(b"allow", exc.code.encode())] if exc.status == 405 and exc.code else []
+            body = error_body(kind, exc.status, exc.message, None if extra else exc.code)
+            await _send_json(send, exc.status, body, request_id, extra)
+
+    def _authenticate(self, scope: Scope) -> str:
+        """The client key's configured name; raises RequestError(401) otherwise."""
+        authorization = _header(scope, b"authorization")
+        presented = _header(scope, b"x-api-key")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                presented = token.strip()
+        if presented is None:
+            if self.config.allow_anonymous:
+                return "anonymous"
+            raise RequestError(401, "missing API key", "invalid_api_key")
+        name = self.config.key_name(presented)
+        if name is None:
+            raise RequestError(401, "invalid API key", "invalid_api_key")
+        return name
+
+    def _route(self, model: object) -> ModelRoute:
+        if not isinstance(model, str) or not model:
+            raise RequestError(400, "`model` must be a non-empty string", "invalid_model")
+        route = self.config.models.get(model)
+        if route is None:
+            raise RequestError(404, f"model {model!r} does not exist", "model_not_found")
+        return route
+
+    async def _proxy(
+        self, kind: Kind, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        self._authenticate(scope)
+        body = await _read_body(receive, self.config.max_body_bytes)
+        content_type = _header(scope, b"content-type") or ""
+        stream = False
+        if kind is Kind.TRANSCRIPTIONS:
+            route, body = self._prepare_form(body, content_type)
+        else:
+            route, body, stream = self._prepare_json(kind, body, content_type)
+            content_type = "application/json"
+        upstream = self.config.upstreams[route.upstream]
+        request = self.upstreams.build_request(
+            upstream,
+            kind,
+            body,
+            content_type=content_type,
+            stream=stream,
+            client_headers=scope["headers"],
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+            await self._exchange(kind, route, request, send, request_id)
+            nursery.cancel_scope.cancel(reason="response finished")
+
+    def _prepare_json(
+        self, kind: Kind, body: bytes, content_type: str
+    ) -> tuple[ModelRoute, bytes, bool]:
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, "expected content-type application/json")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
+        if not isinstance(payload, dict):
+            raise RequestError(400, "request body must be a JSON object", "invalid_json")
+        route = self._route(payload.get("model"))
+        payload["model"] = route.upstream_model
+        stream = kind.streams and payload.get("stream") is True
+        if stream and kind is Kind.CHAT:
+            options = payload.get("stream_options")
+            if not isinstance(options, dict):
+                options = payload["stream_options"] = {}
+            options["include_usage"] = True  # usage must arrive in the stream
+        return route, orjson.dumps(payload), stream
+
+    def _prepare_form(self, body: bytes, content_type: str) -> tuple[ModelRoute, bytes]:
+        try:
+            model, _ = replace_form_field(body, content_type, "model")
+            route = self._route(model)
+            _, body = replace_form_field(body, content_type, "model", route.upstream_model)
+        except MultipartError as exc:
+            raise RequestError(400, str(exc), "invalid_form") from None
+        return route, body
+
+    async def _exchange(
+        self, kind: Kind, route: ModelRoute, request: httpx.Request, send: Send, request_id: str
+    ) -> None:
+        """Send upstream and answer the client; a checkpoint, cancelled on disconnect."""
+        upstream = self.config.upstreams[route.upstream]
+        try:
+            response = await self.upstreams.open(upstream, request)
+        except UpstreamError as exc:
+            failure = exc.failure
+            body = error_body(kind, failure.status, failure.message, failure.type.value)
+            await _send_json(send, failure.status, body, request_id)
+            return
+        try:
+            content_type = response.headers.get("content-type", "")
+            if response.is_success and content_type.startswith("text/event-stream"):
+                await self._stream(kind, route, response, send, request_id)
+            else:
+                await self._whole(kind, route, response, send, request_id)
+        finally:
+            await close_response(response)
+
+    async def _stream(
+        self,
+        kind: Kind,
+        route: ModelRoute,
+        response: httpx.Response,
+        send: Send,
+        request_id: str,
+    ) -> None:
+        policy = _POLICIES[kind](route.public_name, free=route.free)
+        rewriter = StreamRewriter(policy, max_event_bytes=self.config.max_event_bytes)
+        headers = [*_STREAM_HEADERS, (b"x-request-id", request_id.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        control = ReadControl()
+        self._open_streams.add(control)
+        try:
+            await stream_events(response, rewriter, _AsgiBody(send), self.config.timeouts, control)
+        finally:
+            self._open_streams.discard(control)
+            self._streams_changed.set()
+
+    async def _whole(
+        self,
+        kind: Kind,
+        route: ModelRoute,
+        response: httpx.Response,
+        send: Send,
+        request_id: str,
+    ) -> None:
+        try:
+            body = await _read_upstream_body(
+                response, self.config.max_upstream_body_bytes, self.config.timeouts.idle
+            )
+        except UpstreamError as exc:
+            failure = exc.failure
+            body = error_body(kind, failure.status, failure.message, failure.type.value)
+            await _send_json(send, failure.status, body, request_id)
+            return
+        status = response.status_code
+        if status in (401, 403, 407):
+            # The upstream refused the gateway's own credentials: the client can
+            # do nothing about it, and the upstream's words may quote the key.
+            message = "the upstream refused the gateway's credentials"
+            body = error_body(kind, 502, message, "upstream_auth")
+            await _send_json(send, 502, body, request_id)
+            return
+        body = rewrite_json_body(body, route.public_name, free=route.free)
+        upstream_key = self.config.upstreams[route.upstream].api_key.encode()
+        body = body.replace(upstream_key, b"[redacted]")
+        headers = [
+            (b"content-type", response.headers.get("content-type", "application/json").encode())
+        ]
+        headers.extend(
+            (name.encode(), response.headers[name].encode())
+            for name in _PASSED_RESPONSE_HEADERS
+            if name in response.headers
+        )
+        await _send_raw(send, status, body, request_id, headers)
+
+
+class _AsgiBody:
+    """The response body through ASGI ``send``, counting the bytes sent."""
+
+    __slots__ = ("_send", "bytes_sent")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.bytes_sent = 0
+
+    async def send(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _require_method(scope: Scope, method: str) -> None:
+    if scope["method"] != method:
+        raise RequestError(405, f"method {scope['method']} not allowed; use {method}", method)
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body; RequestError(413) as soon as it passes ``limit``.
+
+    A checkpoint. Raises RequestError(400) if the client leaves mid-body.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError(400, "client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over {limit} bytes", "body_too_large")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _read_upstream_body(response: httpx.Response, limit: int, idle: float) -> bytes:
+    """The whole upstream body, bounded in size and in silence between reads.
+
+    A checkpoint. Raises UpstreamError on a cut, a timeout or an oversize body.
+    """
+    parts: list[bytes] = []
+    size = 0
+    async with raw_chunks(response) as chunks:
+        while (chunk := await next_chunk(chunks, idle)) is not None:
+            size += len(chunk)
+            if size > limit:
+                message = f"the upstream answer is over {limit} bytes"
+                raise UpstreamError(Failure(FailureType.REWRITE_ERROR, message))
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when the client disconnects. A checkpoint; never returns otherwise."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel(reason="client disconnected")
+            return
+
+
+async def _send_raw(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    headers = [
+        *headers,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_json(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await _send_raw(
+        send, status, body, request_id, [(b"content-type", b"application/json")] + (extra or [])
+    )

@@ -1,0 +1,211 @@
+"""The streaming pipeline: upstream reader -> rewriter -> client writer.
+
+Theory of operation
+===================
+
+One streamed answer runs in one nursery with two tasks joined by one
+zero-buffer memory channel::
+
+    upstream --aiter_raw--> [reader task] --channel(0)--> [writer] --ASGI send--> client
+                                                           rewriter (pure, inline)
+
+1. **The reader task owns the upstream response and the channel's send end.**
+   It reads one chunk at a time (whatever one upstream read produced), hands
+   it over, and only then reads again. A zero-buffer channel means the
+   hand-over completes only when the writer takes the chunk, so a slow client
+   slows the upstream read: backpressure is the structure, not a policy.
+   Memory in flight is at most the chunk being handed over plus the chunk the
+   writer is sending. The reader always closes the upstream response on its
+   way out (shielded, bounded): that socket closing is what makes a provider
+   stop generating and billing.
+2. **The writer (the request's own task) owns the receive end.** It feeds each
+   chunk to the :class:`~trio_gateway._rewrite.StreamRewriter` inline (pure
+   CPU work; a task of its own would add a switch per chunk and overlap
+   nothing) and sends the whole items that come out. Because it only ever
+   sends whole items, the keepalive comment it sends after ``keepalive``
+   seconds without a chunk can never split an event.
+3. **Failures travel as data.** An upstream error after headers (reset,
+   truncation, idle timeout, shutdown) is caught at the boundary in the reader
+   and handed over as a :class:`~trio_gateway._kinds.Failure`. The writer
+   answers it with the kind's error event and ends the body, so a failure is
+   never mistaken for a clean end and a ``[DONE]`` never follows it.
+4. **Who cancels what.**
+
+   * Client disconnect: the request's disconnect watcher cancels the scope
+     around this whole pipeline. Both tasks unwind; the reader's ``finally``
+     closes upstream.
+   * Client stall: the reader gives up handing a chunk over after
+     ``client_stall`` seconds, closes upstream and leaves. The writer may be
+     stuck inside hypercorn's ``send``, which shields its socket write; it
+     returns when the client reads or leaves, and then ends the stream with
+     the error event (see docs/cancellation.md).
+   * Idle timeout and shutdown cancel only the current upstream read
+     (:class:`~trio_gateway._upstream.ReadControl`), so the reader can still hand the failure over.
+   * A rewrite error in the writer cancels the reader with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+import trio
+
+from trio_gateway._config import Timeouts
+from trio_gateway._kinds import Failure, FailureType
+from trio_gateway._rewrite import StreamRewriter
+from trio_gateway._upstream import (
+    ReadControl,
+    UpstreamError,
+    close_response,
+    next_chunk,
+    raw_chunks,
+)
+from trio_gateway.sse import SSEError
+
+__all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamResult", "stream_events"]
+
+KEEPALIVE_COMMENT = b": keepalive\n\n"
+
+
+class ClientBody(Protocol):
+    """Where the writer puts the response body (the ASGI ``send``, or a test double)."""
+
+    async def send(self, data: bytes) -> None:
+        """Send part of the body. A checkpoint."""
+
+    async def end(self, data: bytes) -> None:
+        """Send the last part of the body and end it. A checkpoint."""
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """How a stream ended; ``failure`` is None for a clean end."""
+
+    failure: Failure | None = None
+    chunks: int = 0
+
+
+_ChannelItem = bytes | Failure
+
+
+async def _hand_over(
+    to_writer: trio.MemorySendChannel[_ChannelItem], item: _ChannelItem, stall: float
+) -> bool:
+    """Give ``item`` to the writer; False if it would not take it within ``stall`` s.
+
+    A checkpoint. Cancellation leaves the item not handed over.
+    """
+    with trio.move_on_after(stall):
+        try:
+            await to_writer.send(item)
+        except trio.BrokenResourceError:  # the writer has already finished
+            return False
+        return True
+    return False
+
+
+async def _read_upstream(
+    response: httpx.Response,
+    to_writer: trio.MemorySendChannel[_ChannelItem],
+    timeouts: Timeouts,
+    control: ReadControl,
+    result: StreamResult,
+) -> None:
+    """Reader task: owns ``response`` and ``to_writer``; closes both on every way out.
+
+    A clean upstream end closes the channel; a failure is handed over first.
+    """
+    try:
+        with to_writer:
+            async with raw_chunks(response) as chunks:
+                while True:
+                    try:
+                        chunk = await next_chunk(chunks, timeouts.idle, control)
+                    except UpstreamError as exc:
+                        failure = exc.failure
+                        break
+                    if chunk is None:
+                        return
+                    if not await _hand_over(to_writer, chunk, timeouts.client_stall):
+                        if result.failure is None:
+                            result.failure = Failure(
+                                FailureType.CLIENT_STALL,
+                                f"client took nothing for {timeouts.client_stall:g} s",
+                            )
+                        return
+            await _hand_over(to_writer, failure, timeouts.client_stall)
+    finally:
+        await close_response(response)
+
+
+async def _write_client(
+    from_reader: trio.MemoryReceiveChannel[_ChannelItem],
+    rewriter: StreamRewriter,
+    body: ClientBody,
+    keepalive: float,
+    result: StreamResult,
+) -> None:
+    """Writer: owns ``from_reader``; sends rewritten items, keepalives, and the ending.
+
+    Ends the body (``more_body`` false) on every way out but cancellation.
+    """
+    with from_reader:
+        while True:
+            with trio.move_on_after(keepalive) as quiet:
+                try:
+                    item = await from_reader.receive()
+                except trio.EndOfChannel:
+                    break
+            if quiet.cancelled_caught:
+                await body.send(KEEPALIVE_COMMENT)
+                continue
+            if isinstance(item, Failure):
+                result.failure = item
+                await body.end(rewriter.fail(item))
+                return
+            result.chunks += 1
+            try:
+                out = rewriter.feed(item)
+            except SSEError as exc:
+                result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
+                await body.end(rewriter.fail(result.failure))
+                return
+            if out:
+                await body.send(out)
+    if result.failure is not None:  # the reader gave up on this client
+        await body.end(rewriter.fail(result.failure))
+        return
+    try:
+        tail = rewriter.finish()
+    except SSEError as exc:
+        result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
+        tail = rewriter.fail(result.failure)
+    await body.end(tail)
+
+
+async def stream_events(
+    response: httpx.Response,
+    rewriter: StreamRewriter,
+    body: ClientBody,
+    timeouts: Timeouts,
+    control: ReadControl | None = None,
+) -> StreamResult:
+    """Stream ``response``'s events through ``rewriter`` to ``body``; say how it ended.
+
+    Takes ownership of ``response`` (closed on return or cancellation). The
+    caller has sent the response start. A checkpoint; on cancellation the
+    upstream is closed and the client body is left unfinished, so no client
+    can mistake it for a clean end.
+    """
+    control = control or ReadControl()
+    result = StreamResult()
+    send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
+    keepalive = timeouts.keepalive if timeouts.keepalive > 0 else math.inf
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
+        await _write_client(receive_chan, rewriter, body, keepalive, result)
+        nursery.cancel_scope.cancel(reason="client writer finished")
+    return result

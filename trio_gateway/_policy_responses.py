@@ -1,0 +1,75 @@
+"""OpenAI Responses: named events with a ``sequence_number`` each."""
+
+from __future__ import annotations
+
+import orjson
+
+from trio_gateway._kinds import Failure
+from trio_gateway._rewrite import Policy, parse_object, reencode, set_model, strip_cost
+from trio_gateway.sse import SSEEvent
+
+# The events that carry the whole ``response`` object (and so its model and usage).
+_RESPONSE_EVENTS = frozenset(
+    {
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+    }
+)
+_SEQUENCE_KEY = '"sequence_number":'
+
+
+class ResponsesPolicy(Policy):
+    """Model alias and cost stripping in ``response``; an error event numbered last + 1.
+
+    Only the lifecycle events are parsed; for the rest the sequence number is
+    read without parsing the JSON.
+    """
+
+    def __init__(self, public_model: str, *, free: bool) -> None:
+        super().__init__(public_model, free=free)
+        self.last_sequence = -1
+
+    def rewrite_event(self, event: SSEEvent) -> bytes | None:
+        if event.event not in _RESPONSE_EVENTS:
+            self._note_sequence(event.data)
+            return None
+        payload = parse_object(event.data)
+        if payload is None:
+            return None
+        sequence = payload.get("sequence_number")
+        if isinstance(sequence, int):
+            self.last_sequence = sequence
+        response = payload.get("response")
+        if not isinstance(response, dict):
+            return None
+        changed = set_model(response, "model", self.public_model)
+        if self.free:
+            changed |= strip_cost(response.get("usage"))
+        return reencode(event, payload) if changed else None
+
+    def _note_sequence(self, data: str | None) -> None:
+        if data is None:
+            return
+        at = data.rfind(_SEQUENCE_KEY)
+        if at < 0:
+            return
+        digits = data[at + len(_SEQUENCE_KEY) :].lstrip(" ")
+        end = 0
+        while end < len(digits) and digits[end].isdigit() and digits[end].isascii():
+            end += 1
+        if end:
+            self.last_sequence = int(digits[:end])
+
+    def error_event(self, failure: Failure) -> bytes:
+        payload = {
+            "type": "error",
+            "sequence_number": self.last_sequence + 1,
+            "code": failure.type.value,
+            "message": failure.message,
+            "param": None,
+        }
+        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"

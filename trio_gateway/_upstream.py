@@ -1,0 +1,229 @@
+"""The upstream boundary: httpx clients, request building, and error translation.
+
+All upstream I/O goes through httpx, and every httpx exception is translated
+to a :class:`~trio_gateway._kinds.Failure` in one place,
+:func:`upstream_errors`. Messages are the gateway's own: httpx's text can
+name the upstream host, and what the client reads must not.
+
+Upstream requests are built afresh: the upstream's credentials from config,
+the content type, and a short allowlist of client headers. The client's own
+credentials and every other client header stay behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
+from typing import cast
+
+import httpx
+import trio
+
+from trio_gateway import __version__
+from trio_gateway._config import GatewayConfig, Timeouts, Upstream
+from trio_gateway._kinds import Failure, FailureType, Kind
+
+__all__ = [
+    "ReadControl",
+    "UpstreamError",
+    "Upstreams",
+    "close_response",
+    "next_chunk",
+    "raw_chunks",
+    "upstream_errors",
+]
+
+# Client headers that carry API semantics (versions, beta features), not identity.
+FORWARDED_CLIENT_HEADERS = frozenset({b"anthropic-version", b"anthropic-beta", b"openai-beta"})
+_CLOSE_GRACE = 2.0  # seconds a cancelled request may spend closing its upstream socket
+
+
+class UpstreamError(Exception):
+    """An upstream exchange failed; ``failure`` says how, in client-safe words."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+@contextmanager
+def upstream_errors(phase: str) -> Iterator[None]:
+    """Translate httpx exceptions raised inside into :class:`UpstreamError`.
+
+    ``phase`` ("request" before response headers, "stream" after) decides the
+    words: a reset before headers means unreachable, after them a cut stream.
+    """
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamError(
+            Failure(FailureType.UPSTREAM_TIMEOUT, f"upstream timed out ({phase})")
+        ) from None
+    except httpx.ConnectError:
+        raise UpstreamError(
+            Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream could not be reached")
+        ) from None
+    except (httpx.TransportError, httpx.StreamError):
+        if phase == "request":
+            failure = Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream closed the connection")
+        else:
+            failure = Failure(FailureType.UPSTREAM_RESET, "upstream connection lost mid-response")
+        raise UpstreamError(failure) from None
+
+
+class ReadControl:
+    """Lets another task stop a reader between or during upstream reads.
+
+    Cancelling the current read (not the reader) leaves the reader free to
+    pass the failure on, so the client still gets an error event.
+    """
+
+    __slots__ = ("_scope", "failure")
+
+    def __init__(self) -> None:
+        self.failure: Failure | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def stop(self, failure: Failure) -> None:
+        """Stop reading with ``failure``; not a checkpoint. The first call wins."""
+        if self.failure is None:
+            self.failure = failure
+            if self._scope is not None:
+                self._scope.cancel(reason=failure.message)
+
+
+def raw_chunks(response: httpx.Response) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+    """The response body as it arrives, undecoded; closed when the block exits."""
+    # httpx implements aiter_raw as an async generator; its annotation is wider.
+    return aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw()))
+
+
+async def next_chunk(
+    chunks: AsyncIterator[bytes], idle: float, control: ReadControl | None = None
+) -> bytes | None:
+    """The next upstream chunk, or None at a clean end of the body.
+
+    A checkpoint. Raises :class:`UpstreamError` when the upstream fails, is
+    silent for ``idle`` seconds, or ``control`` is stopped. Cancellation
+    leaves ``chunks`` unusable; close it.
+    """
+    with trio.move_on_after(idle) as read_scope:
+        if control is not None:
+            if control.failure is not None:
+                raise UpstreamError(control.failure)
+            control._scope = read_scope
+        try:
+            with upstream_errors("stream"):
+                return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        finally:
+            if control is not None:
+                control._scope = None
+    if control is not None and control.failure is not None:
+        raise UpstreamError(control.failure)
+    raise UpstreamError(Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s"))
+
+
+async def close_response(response: httpx.Response) -> None:
+    """Close an upstream response, and with it its connection if unfinished.
+
+    A checkpoint, but shielded and bounded: it runs to the end (or for at most
+    a couple of seconds) even inside a cancelled scope, because closing the
+    socket is what makes the provider stop generating.
+    """
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + _CLOSE_GRACE
+        await response.aclose()
+
+
+def _finite(seconds: float) -> float | None:
+    return None if math.isinf(seconds) else seconds
+
+
+class Upstreams:
+    """One pooled httpx client per configured upstream, and the requests sent to it.
+
+    ``transport`` replaces the network for tests (a fake that yields chosen
+    byte chunks); by default each client speaks HTTP/1.1 over TCP.
+    """
+
+    def __init__(
+        self, config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._config = config
+        timeouts: Timeouts = config.timeouts
+        # Connect (and pool wait) time out inside httpx; first byte, idle and
+        # stall are the gateway's own cancel scopes around the work.
+        httpx_timeout = httpx.Timeout(
+            connect=timeouts.connect,
+            pool=timeouts.connect,
+            write=_finite(timeouts.first_byte),
+            read=None,
+        )
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        self._clients = {
+            name: httpx.AsyncClient(
+                timeout=httpx_timeout,
+                limits=limits,
+                transport=transport,
+                follow_redirects=False,
+                trust_env=False,
+            )
+            for name in config.upstreams
+        }
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. A checkpoint."""
+        for client in self._clients.values():
+            await client.aclose()
+
+    def build_request(
+        self,
+        upstream: Upstream,
+        kind: Kind,
+        body: bytes,
+        *,
+        content_type: str,
+        stream: bool,
+        client_headers: Sequence[tuple[bytes, bytes]],
+    ) -> httpx.Request:
+        """The upstream request: fresh headers, the upstream's credentials, no client ones."""
+        headers: list[tuple[str, str]] = [
+            ("content-type", content_type),
+            ("accept", "text/event-stream" if stream else "application/json"),
+            ("accept-encoding", "identity"),
+            ("user-agent", f"trio-gateway/{__version__}"),
+        ]
+        if upstream.auth == "bearer":
+            headers.append(("authorization", f"Bearer {upstream.api_key}"))
+        else:
+            headers.append(("x-api-key", upstream.api_key))
+        headers.extend(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in client_headers
+            if name in FORWARDED_CLIENT_HEADERS
+        )
+        return self._clients[upstream.name].build_request(
+            "POST", upstream.base_url + kind.path, content=body, headers=headers
+        )
+
+    async def open(self, upstream: Upstream, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and return once response headers arrive; the body streams later.
+
+        A checkpoint. Raises :class:`UpstreamError` on failure, including the
+        first-byte timeout. Cancellation closes the half-made connection. The
+        caller owns the response and must :func:`close_response` it.
+        """
+        first_byte = self._config.timeouts.first_byte
+        with trio.move_on_after(first_byte) as waited:
+            with upstream_errors("request"):
+                return await self._clients[upstream.name].send(request, stream=True)
+        assert waited.cancelled_caught
+        raise UpstreamError(
+            Failure(
+                FailureType.UPSTREAM_TIMEOUT,
+                f"upstream sent no response headers within {first_byte:g} s",
+            )
+        )
