@@ -16,7 +16,7 @@ and at once.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,14 +200,14 @@ class AsgiCall:
         size = self.body_chunk_size or max(len(self.body), 1)
         pending = [self.body[i : i + size] for i in range(0, len(self.body), size)] or [b""]
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> MutableMapping[str, Any]:
             if pending:
                 chunk = pending.pop(0)
                 return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
                 self.response_headers = dict(message["headers"])

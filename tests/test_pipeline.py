@@ -22,6 +22,7 @@ from tests.helpers import (
     UPSTREAM_KEY,
     UPSTREAM_MODEL,
     AsgiCall,
+    BodyStep,
     FakeResponse,
     make_gateway,
     sse,
@@ -254,12 +255,8 @@ async def test_keepalive_during_silence_never_splits_an_event(
     autojump_clock: trio.testing.MockClock,
 ):
     event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
-    body = [event[:10], 40.0, event[10:], "[DONE]"]
-    timeouts = Timeouts(keepalive=15, idle=100)
-    gateway, _ = make_gateway(
-        FakeResponse(body=[b if not isinstance(b, str) else sse(b)[0] for b in body]),
-        timeouts=timeouts,
-    )
+    body: list[BodyStep] = [event[:10], 40.0, event[10:], *sse("[DONE]")]
+    gateway, _ = make_gateway(FakeResponse(body=body), timeouts=Timeouts(keepalive=15, idle=100))
     call = await request_for("chat").run(gateway)
     assert call.parts[:2] == [KEEPALIVE_COMMENT, KEEPALIVE_COMMENT]
     assert call.part_times[1] - call.part_times[0] == pytest.approx(15)
@@ -269,7 +266,7 @@ async def test_keepalive_during_silence_never_splits_an_event(
 
 
 async def test_keepalive_off(autojump_clock: trio.testing.MockClock):
-    body = [60.0, *sse("[DONE]")]
+    body: list[BodyStep] = [60.0, *sse("[DONE]")]
     gateway, _ = make_gateway(FakeResponse(body=body), timeouts=Timeouts(keepalive=float("inf")))
     call = await request_for("chat").run(gateway)
     assert KEEPALIVE_COMMENT not in call.text
