@@ -42,7 +42,7 @@ from trio_gateway._pipeline import stream_events
 from trio_gateway._policy_chat import ChatPolicy
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
-from trio_gateway._rewrite import Policy, StreamRewriter, rewrite_json_body
+from trio_gateway._rewrite import PassThroughPolicy, Policy, StreamRewriter, rewrite_json_body
 from trio_gateway._upstream import (
     ReadControl,
     UpstreamError,
@@ -68,6 +68,7 @@ _POLICIES: dict[Kind, type[Policy]] = {
 # Upstream response headers a client may see; everything else (cookies, provider
 # identity, content-length of a body we rewrite) stays behind.
 _PASSED_RESPONSE_HEADERS = ("retry-after",)
+_CLOSE_GRACE = 2.0  # seconds given to closing pooled upstream connections
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache, no-transform"),
@@ -100,6 +101,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
+        self._closed = False
         self._open_streams: set[ReadControl] = set()
         self._streams_changed = trio.Event()
         self._models_body = orjson.dumps(
@@ -124,9 +126,22 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.upstreams.aclose()
+                await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def aclose(self) -> None:
+        """Close pooled upstream connections. A checkpoint; safe to call twice.
+
+        Shielded and bounded, like every close: it runs even while the
+        server is being cancelled.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CLOSE_GRACE
+            await self.upstreams.aclose()
 
     async def drain(self, grace: float) -> None:
         """Let open streams finish for ``grace`` seconds, then end the rest with an error.
@@ -169,8 +184,10 @@ class Gateway:
         presented = _header(scope, b"x-api-key")
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                presented = token.strip()
+            if scheme.lower() != "bearer" or not token.strip():
+                # Credentials were meant, so anonymous access does not apply.
+                raise RequestError(401, "expected Authorization: Bearer <key>", "invalid_api_key")
+            presented = token.strip()
         if presented is None:
             if self.config.allow_anonymous:
                 return "anonymous"
@@ -236,6 +253,8 @@ class Gateway:
         return route, orjson.dumps(payload), stream
 
     def _prepare_form(self, body: bytes, content_type: str) -> tuple[ModelRoute, bytes]:
+        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+            raise RequestError(415, "expected content-type multipart/form-data")
         try:
             model, _ = replace_form_field(body, content_type, "model")
             route = self._route(model)
@@ -273,7 +292,7 @@ class Gateway:
         send: Send,
         request_id: str,
     ) -> None:
-        policy = _POLICIES[kind](route.public_name, free=route.free)
+        policy = _POLICIES.get(kind, PassThroughPolicy)(route.public_name, free=route.free)
         rewriter = StreamRewriter(policy, max_event_bytes=self.config.max_event_bytes)
         headers = [*_STREAM_HEADERS, (b"x-request-id", request_id.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

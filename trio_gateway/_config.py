@@ -234,7 +234,14 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         base_url = u.text("base_url").rstrip("/")
         if not re.match(r"https?://[^/\s]+", base_url):
             raise ConfigError(f"{u.key_path('base_url')}: expected an http:// or https:// URL")
+        if "api_key" in u.data:
+            raise ConfigError(
+                f"{u.key_path('api_key')}: keys are never written in the file; use api_key_env"
+            )
         env_name = u.text("api_key_env")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name):
+            # Never echo the value: it may be a key pasted in by mistake.
+            raise ConfigError(f"{u.key_path('api_key_env')}: expected an environment variable name")
         api_key = env.get(env_name)
         if not api_key:
             raise ConfigError(
@@ -243,10 +250,6 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         auth = u.text("auth", "bearer")
         if auth not in ("bearer", "x-api-key"):
             raise ConfigError(f'{u.key_path("auth")}: expected "bearer" or "x-api-key"')
-        if "api_key" in u.data:
-            raise ConfigError(
-                f"{u.key_path('api_key')}: keys are never written in the file; use api_key_env"
-            )
         u.check_unknown()
         upstreams[name] = Upstream(
             name, base_url, api_key, "bearer" if auth == "bearer" else "x-api-key"
@@ -305,6 +308,6 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
             data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, env)

@@ -29,6 +29,7 @@ from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
 __all__ = [
     "GATEWAY_COMMENT",
+    "PassThroughPolicy",
     "Policy",
     "StreamRewriter",
     "rewrite_json_body",
@@ -100,6 +101,27 @@ class Policy:
 
     def error_event(self, failure: Failure) -> bytes:
         raise NotImplementedError
+
+
+class PassThroughPolicy(Policy):
+    """For kinds with no stream rules of their own (a streamed transcription, say).
+
+    Events pass untouched unless they carry a top-level ``model``, which
+    becomes the public name; a failure ends the stream with an OpenAI-style
+    ``{"error": ...}`` event.
+    """
+
+    def rewrite_event(self, event: SSEEvent) -> bytes | None:
+        if event.data is None or '"model"' not in event.data:
+            return None
+        payload = parse_object(event.data)
+        if payload is None or not set_model(payload, "model", self.public_model):
+            return None
+        return reencode(event, payload)
+
+    def error_event(self, failure: Failure) -> bytes:
+        payload = {"error": {"message": failure.message, "type": failure.type.value}}
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def _terminated(raw: bytes) -> bytes:

@@ -55,6 +55,18 @@ async def serve(
     with port 0). Returns once every connection has closed.
     """
     trigger = shutdown_trigger or _until_signalled
+    try:
+        await _serve_until(gateway, bind, trigger, task_status)
+    finally:
+        await gateway.aclose()  # also when cancelled: pooled sockets must not leak
+
+
+async def _serve_until(
+    gateway: Gateway,
+    bind: str,
+    trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def shutdown_then_drain() -> None:

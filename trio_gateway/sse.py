@@ -21,9 +21,13 @@ Parsing follows the WHATWG HTML "server-sent events" interpretation rules
    replacement behaviour of the spec's "UTF-8 decode" (U+FFFD per maximal
    invalid subpart), so invalid input is replaced, never raised on.
 2. A line that ends in CR is complete as soon as the CR arrives. If the next
-   chunk then starts with LF, that LF finishes the CRLF and is dropped.
+   chunk then starts with LF, that LF finishes the CRLF: it joins the ``raw``
+   of that line if the line is in the still-open block, and is dropped if
+   the line was a comment or a blank line (whose item was already returned).
 3. A line starting with ``:`` is a comment. It comes out at once as its own
    item (``comment`` set), in stream order, even in the middle of an event.
+   (At :meth:`SSEDecoder.close`, a final comment lacking its line end comes
+   out after the open block, so that rule 6 holds.)
 4. Any other line is a field, ``name:value`` with one optional space after the
    colon removed, or ``name`` alone with an empty value. ``data`` values
    join with LF; ``id`` is kept unless it contains NUL; ``retry`` only when it
@@ -32,7 +36,12 @@ Parsing follows the WHATWG HTML "server-sent events" interpretation rules
    as an :class:`SSEEvent`; blank lines that end no block produce nothing.
 6. ``raw`` holds the exact bytes of each item as they came in, terminators
    included. Replaying ``b"".join(item.raw for item in items)`` through a
-   fresh decoder gives the same items.
+   fresh decoder gives the same items, except in two cases that exact bytes
+   cannot avoid: (a) a comment between a field line ended by a lone CR and
+   a blank line ended by LF: taking the comment out of the block makes that
+   CR and LF one CRLF in the event's ``raw``; (b) replayed bytes that begin
+   with a UTF-8 BOM (a BOM not stripped as the stream's leading BOM): a
+   fresh decoder strips it, so replay behind one extra BOM.
 
 Deviations from the spec, on purpose
 ====================================
@@ -49,13 +58,18 @@ Deviations from the spec, on purpose
   none), which is what a proxy needs to forward it.
 * **Event names are kept as sent.** ``event`` is None without an ``event``
   field; an empty name stays ``""`` rather than becoming ``"message"``.
-* **Size is bounded.** A block (or comment) that grows past
+* **Size is bounded.** A block (its field lines with their line ends, not
+  the blank line) or a comment (without its line end) that grows past
   ``max_event_bytes`` raises :class:`SSEEventTooLarge`, so an upstream that
-  never sends a blank line cannot exhaust memory.
+  never sends a blank line cannot exhaust memory. Items completed by the
+  same :meth:`SSEDecoder.feed` call are lost with the exception.
+* **Absurd retry values are ignored.** A ``retry`` of more digits than
+  ``int()`` converts (``sys.get_int_max_str_digits()``) is ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -125,6 +139,7 @@ class SSEDecoder:
         "_event",
         "_has_fields",
         "_id",
+        "_lf_joins_block",
         "_max_event_bytes",
         "_partial",
         "_retry",
@@ -137,6 +152,7 @@ class SSEDecoder:
         self._max_event_bytes = max_event_bytes
         self._at_start = True  # a leading BOM may still arrive
         self._skip_lf = False  # the previous chunk ended in CR
+        self._lf_joins_block = False  # ... and that CR ended a line of the open block
         self._closed = False
         self._partial = b""  # bytes of a line whose end has not arrived
         self._reset_block()
@@ -163,6 +179,16 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[0] == _LF:
                 chunk = chunk[1:]
+                if self._lf_joins_block:
+                    # Keep the LF in the raw of the line it ends, as if the CRLF
+                    # had come in one chunk; else ``raw`` would replay as a
+                    # CRLF that swallows a following blank line.
+                    self._block_parts[-1] += b"\n"
+                    self._block_size += 1
+                    if self._block_size > self._max_event_bytes:
+                        raise SSEEventTooLarge(
+                            f"an SSE event grew past {self._max_event_bytes} bytes without ending"
+                        )
                 if not chunk:
                     return []
         buffer = self._partial + chunk if self._partial else chunk
@@ -175,8 +201,11 @@ class SSEDecoder:
                 buffer = buffer[len(_BOM) :]
         items: list[SSEEvent] = []
         pos = self._scan(buffer, items)
-        self._partial = buffer[pos:]
-        if self._block_size + len(self._partial) > self._max_event_bytes:
+        self._partial = partial = buffer[pos:]
+        if partial[:1] == b":":  # a comment stands alone: the open block does not count
+            if len(partial) > self._max_event_bytes:
+                raise SSEEventTooLarge(f"an SSE comment is over {self._max_event_bytes} bytes")
+        elif self._block_size + len(partial) > self._max_event_bytes:
             raise SSEEventTooLarge(
                 f"an SSE event grew past {self._max_event_bytes} bytes without ending"
             )
@@ -186,17 +215,20 @@ class SSEDecoder:
         """End of stream: return a final item that lacked its blank line, if any.
 
         Deviation from the spec, which discards it: see the module docstring.
+        A final comment that lacks its line end comes out after the open block,
+        not before it: its ``raw`` has no line end, so only that order replays.
         """
         if self._closed:
             return []
         self._closed = True
         items: list[SSEEvent] = []
+        last_comment: list[SSEEvent] = []
         if self._partial:
             line, self._partial = self._partial, b""
-            self._line(line, line, items)
+            self._line(line, line, last_comment)
         if self._has_fields:
             self._dispatch(items)
-        return items
+        return items + last_comment
 
     def _scan(self, buffer: bytes, items: list[SSEEvent]) -> int:
         """Handle every complete line of ``buffer``; return where the rest starts."""
@@ -208,12 +240,15 @@ class SSEDecoder:
                 self._line(buffer[pos:end], buffer[pos : end + 1], items)
                 pos = end + 1
             return pos
+        last = 0
         for match in _LINE_END.finditer(buffer):
             start, end = match.span()
             self._line(buffer[pos:start], buffer[pos:end], items)
-            pos = end
+            last, pos = pos, end
         if pos and buffer[pos - 1] == _CR and pos == len(buffer):
             self._skip_lf = True  # an LF at the start of the next chunk ends this CR
+            # Unless that last line was a comment or a blank line (both done with).
+            self._lf_joins_block = self._has_fields and buffer[last] != _COLON
         return pos
 
     def _line(self, line: bytes, raw: bytes, items: list[SSEEvent]) -> None:
@@ -223,7 +258,7 @@ class SSEDecoder:
                 self._dispatch(items)
             return
         if line[0] == _COLON:
-            if len(raw) > self._max_event_bytes:
+            if len(line) > self._max_event_bytes:
                 raise SSEEventTooLarge(f"an SSE comment is over {self._max_event_bytes} bytes")
             text = line[2:] if len(line) > 1 and line[1] == _SPACE else line[1:]
             items.append(SSEEvent(comment=_decode(text), raw=raw))
@@ -253,7 +288,10 @@ class SSEDecoder:
             if b"\0" not in value:
                 self._id = _decode(value)
         elif name == b"retry" and value.isdigit():  # bytes.isdigit(): ASCII digits only
-            self._retry = int(value)
+            # int() refuses more than sys.get_int_max_str_digits() digits; such a
+            # retry (longer than the universe is old) is ignored, never raised on.
+            with contextlib.suppress(ValueError):
+                self._retry = int(value.lstrip(b"0") or b"0")
 
     def _dispatch(self, items: list[SSEEvent]) -> None:
         parts = self._block_parts

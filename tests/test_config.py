@@ -1,0 +1,453 @@
+"""Configuration: parse_config's checks, load_config's file handling, and secrecy."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trio_gateway._config import (
+    ConfigError,
+    GatewayConfig,
+    KeyEntry,
+    ModelRoute,
+    Timeouts,
+    Upstream,
+    hash_key,
+    load_config,
+    parse_config,
+)
+
+SECRET = "sk-or-v1-0123456789abcdef-very-secret"
+ENV = {"OPENROUTER_API_KEY": SECRET}
+ALICE = hash_key("alice-key")
+
+EXAMPLE_TOML = f"""
+[server]
+bind = "0.0.0.0:8080"
+
+[timeouts]
+connect = 10
+first_byte = 120
+idle = 300
+keepalive = 15
+
+[upstreams.openrouter]
+base_url = "https://openrouter.ai/api/v1/"
+api_key_env = "OPENROUTER_API_KEY"
+auth = "bearer"
+
+[models."kilo/free-model"]
+upstream = "openrouter"
+upstream_model = "vendor/model:free"
+free = true
+
+[models."kilo/paid-model"]
+upstream = "openrouter"
+upstream_model = "vendor/model"
+
+[[keys]]
+name = "alice"
+sha256 = "{ALICE}"
+
+[[keys]]
+name = "bob"
+sha256 = "{hash_key("bob-key").upper()}"
+"""
+
+
+def example() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE_TOML)
+
+
+def error_of(data: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, ENV if env is None else env)
+    message = str(info.value)
+    assert SECRET not in message
+    assert "\n" not in message
+    return message
+
+
+def test_full_example_parses():
+    config = parse_config(example(), ENV)
+    assert config.bind == "0.0.0.0:8080"
+    assert config.timeouts == Timeouts(connect=10.0, first_byte=120.0, idle=300.0, keepalive=15.0)
+    assert isinstance(config.timeouts.connect, float)
+    assert config.upstreams == {
+        "openrouter": Upstream("openrouter", "https://openrouter.ai/api/v1", SECRET, "bearer")
+    }
+    assert config.models == {
+        "kilo/free-model": ModelRoute(
+            "kilo/free-model", "openrouter", "vendor/model:free", free=True
+        ),
+        "kilo/paid-model": ModelRoute("kilo/paid-model", "openrouter", "vendor/model", free=False),
+    }
+    assert config.keys == (
+        KeyEntry("alice", ALICE),
+        KeyEntry("bob", hash_key("bob-key")),  # stored lower-case
+    )
+    assert config.allow_anonymous is False
+    assert config.key_name("alice-key") == "alice"
+    assert config.key_name("bob-key") == "bob"
+    assert config.key_name("eve-key") is None
+    assert config.key_name("") is None
+
+
+def test_defaults():
+    data = example()
+    del data["server"]
+    del data["timeouts"]
+    config = parse_config(data, ENV)
+    assert config.bind == "127.0.0.1:8080"
+    assert config.timeouts == Timeouts()
+    assert config.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_x_api_key_auth_and_float_timeouts():
+    data = example()
+    data["upstreams"]["openrouter"]["auth"] = "x-api-key"
+    data["timeouts"]["idle"] = 2.5
+    config = parse_config(data, ENV)
+    assert config.upstreams["openrouter"].auth == "x-api-key"
+    assert config.timeouts.idle == 2.5
+
+
+@pytest.mark.parametrize("key", ["idle", "keepalive", "client_stall"])
+def test_zero_turns_an_optional_timeout_off(key: str):
+    data = example()
+    data["timeouts"][key] = 0
+    assert getattr(parse_config(data, ENV).timeouts, key) == math.inf
+
+
+@pytest.mark.parametrize("key", ["connect", "first_byte", "shutdown"])
+def test_zero_is_refused_for_a_required_timeout(key: str):
+    data = example()
+    data["timeouts"][key] = 0
+    message = error_of(data)
+    assert message.startswith(f"timeouts.{key}:")
+    assert "positive" in message
+
+
+def test_allow_anonymous_without_keys():
+    data = example()
+    del data["keys"]
+    data["auth"] = {"allow_anonymous": True}
+    config = parse_config(data, ENV)
+    assert config.allow_anonymous is True
+    assert config.keys == ()
+
+
+def test_repr_never_shows_the_upstream_key_or_hashes():
+    config = parse_config(example(), ENV)
+    for text in (repr(config), str(config), repr(config.upstreams), repr(config.keys)):
+        assert SECRET not in text
+        assert ALICE not in text
+    assert "openrouter" in repr(config)
+
+
+def test_hash_key_matches_hashlib():
+    for key in ("secret", "sk-ünïcode-ключ", ""):
+        assert hash_key(key) == hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_key_name_returns_the_entry_name():
+    config = GatewayConfig(
+        upstreams={"u": Upstream("u", "https://u.invalid", SECRET)},
+        models={},
+        keys=(KeyEntry("first", hash_key("k1")), KeyEntry("second", hash_key("k2"))),
+    )
+    assert config.key_name("k1") == "first"
+    assert config.key_name("k2") == "second"
+    assert config.key_name("k3") is None
+    assert config.key_name(hash_key("k1")) is None  # the hash itself is not a key
+
+
+# --- one test per validation error ---------------------------------------------------------
+
+
+def test_unknown_top_level_key():
+    data = example()
+    data["serverr"] = {"bind": "x"}
+    assert error_of(data) == "serverr: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (("server",), "server.bnid: unknown key"),
+        (("timeouts",), "timeouts.bnid: unknown key"),
+        (("upstreams", "openrouter"), "upstreams.openrouter.bnid: unknown key"),
+        (("models", "kilo/free-model"), 'models."kilo/free-model".bnid: unknown key'),
+    ],
+)
+def test_unknown_key_in_a_table(path: tuple[str, ...], expected: str):
+    data = example()
+    table = data
+    for part in path:
+        table = table[part]
+    table["bnid"] = 1
+    assert error_of(data) == expected
+
+
+def test_unknown_key_in_keys_and_auth():
+    data = example()
+    data["keys"][1]["sha"] = "x"
+    assert error_of(data) == "keys[1].sha: unknown key"
+    data = example()
+    data["auth"] = {"allow_anonymus": True}
+    assert error_of(data) == "auth.allow_anonymus: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "label"),
+    [
+        ("timeouts", "connect", "10", "a number of seconds"),
+        ("timeouts", "idle", True, "a number of seconds"),
+        ("timeouts", "keepalive", False, "a number of seconds"),
+        ("timeouts", "first_byte", [1], "a number of seconds"),
+        ("server", "bind", 8080, "a string"),
+        ("server", "max_body_bytes", 1.5, "a whole number of bytes"),
+        ("server", "max_body_bytes", True, "a whole number of bytes"),
+        ("auth", "allow_anonymous", "yes", "true or false"),
+    ],
+)
+def test_wrong_type(table: str, key: str, value: Any, label: str):
+    data = example()
+    data.setdefault(table, {})[key] = value
+    message = error_of(data)
+    assert message.startswith(f"{table}.{key}: expected {label}")
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("upstreams", "openrouter", "base_url"), 5),
+        (("upstreams", "openrouter", "api_key_env"), 5),
+        (("models", "kilo/free-model", "upstream_model"), 5),
+        (("models", "kilo/free-model", "free"), "true"),
+    ],
+)
+def test_wrong_type_in_nested_tables(path: tuple[str, ...], value: Any):
+    data = example()
+    table = data
+    for part in path[:-1]:
+        table = table[part]
+    table[path[-1]] = value
+    message = error_of(data)
+    name = ".".join(f'"{p}"' if "/" in p else p for p in path)
+    assert message.startswith(f"{name}: expected")
+
+
+def test_wrong_type_in_keys():
+    data = example()
+    data["keys"][0]["name"] = 7
+    assert error_of(data).startswith("keys[0].name: expected a string")
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, math.inf, math.nan])
+def test_negative_or_infinite_timeout(value: float):
+    data = example()
+    data["timeouts"]["connect"] = value
+    message = error_of(data)
+    assert message.startswith("timeouts.connect: expected a positive number")
+
+
+def test_negative_optional_timeout_mentions_zero():
+    data = example()
+    data["timeouts"]["keepalive"] = -1
+    message = error_of(data)
+    assert message.startswith("timeouts.keepalive:")
+    assert "0 turns it off" in message
+
+
+def test_non_positive_size():
+    data = example()
+    data["server"]["max_body_bytes"] = 0
+    assert error_of(data).startswith("server.max_body_bytes: must be at least 1")
+
+
+@pytest.mark.parametrize("env", [{}, {"OPENROUTER_API_KEY": ""}, {"OTHER": SECRET}])
+def test_missing_api_key_env_variable(env: dict[str, str]):
+    message = error_of(example(), env)
+    assert message.startswith("upstreams.openrouter.api_key_env:")
+    assert "OPENROUTER_API_KEY" in message
+
+
+@pytest.mark.parametrize("value", ["sk-or-v1-0123456789abcdef", "MY KEY", "1ABC"])
+def test_api_key_env_must_name_a_variable_and_is_never_echoed(value: str):
+    data = example()
+    data["upstreams"]["openrouter"]["api_key_env"] = value
+    message = error_of(data)
+    assert message == "upstreams.openrouter.api_key_env: expected an environment variable name"
+    assert value not in message
+
+
+def test_missing_api_key_env_setting():
+    data = example()
+    del data["upstreams"]["openrouter"]["api_key_env"]
+    assert error_of(data) == "upstreams.openrouter.api_key_env: required"
+
+
+def test_api_key_in_the_file_is_refused():
+    data = example()
+    data["upstreams"]["openrouter"]["api_key"] = SECRET
+    message = error_of(data)
+    assert message.startswith("upstreams.openrouter.api_key:")
+    assert "api_key_env" in message
+
+
+def test_api_key_instead_of_api_key_env_names_api_key():
+    data = example()
+    upstream = data["upstreams"]["openrouter"]
+    del upstream["api_key_env"]
+    upstream["api_key"] = SECRET
+    message = error_of(data)
+    assert message.startswith("upstreams.openrouter.api_key:")
+
+
+@pytest.mark.parametrize("auth", ["Bearer", "basic", "x-api-key ", ""])
+def test_bad_auth_value(auth: str):
+    data = example()
+    data["upstreams"]["openrouter"]["auth"] = auth
+    assert error_of(data).startswith("upstreams.openrouter.auth:")
+
+
+@pytest.mark.parametrize("url", ["openrouter.ai/api", "ftp://x.invalid", "https://", "http:// x"])
+def test_bad_base_url(url: str):
+    data = example()
+    data["upstreams"]["openrouter"]["base_url"] = url
+    assert error_of(data).startswith("upstreams.openrouter.base_url:")
+
+
+def test_model_pointing_at_an_unknown_upstream():
+    data = example()
+    data["models"]["kilo/free-model"]["upstream"] = "openrouterr"
+    message = error_of(data)
+    assert message.startswith('models."kilo/free-model".upstream:')
+    assert "openrouterr" in message
+
+
+def test_model_without_upstream_model():
+    data = example()
+    del data["models"]["kilo/free-model"]["upstream_model"]
+    assert error_of(data) == 'models."kilo/free-model".upstream_model: required'
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["abc", ALICE[:-1], ALICE + "0", "g" * 64, ALICE[:32] + " " + ALICE[33:], ""],
+)
+def test_bad_sha256(digest: str):
+    data = example()
+    data["keys"][0]["sha256"] = digest
+    assert error_of(data).startswith("keys[0].sha256:")
+
+
+def test_keys_must_be_an_array_of_tables():
+    data = example()
+    data["keys"] = {"name": "alice", "sha256": ALICE}
+    assert error_of(data).startswith("keys:")
+    data["keys"] = ["alice"]
+    assert error_of(data).startswith("keys[0]: expected a table")
+
+
+@pytest.mark.parametrize("anonymous", [None, False])
+def test_no_keys_without_allow_anonymous(anonymous: bool | None):
+    data = example()
+    del data["keys"]
+    if anonymous is not None:
+        data["auth"] = {"allow_anonymous": anonymous}
+    message = error_of(data)
+    assert message.startswith("keys:")
+    assert "allow_anonymous" in message
+
+
+@pytest.mark.parametrize(
+    "bind", ["8080", "localhost", "localhost:", ":8080", "host:70000", "a b:80", "::1:80"]
+)
+def test_bad_bind(bind: str):
+    data = example()
+    data["server"]["bind"] = bind
+    message = error_of(data)
+    assert message.startswith("server.bind:")
+    assert repr(bind) in message
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:0", "[::1]:8080", "localhost:65535"])
+def test_good_bind(bind: str):
+    data = example()
+    data["server"]["bind"] = bind
+    assert parse_config(data, ENV).bind == bind
+
+
+@pytest.mark.parametrize("table", ["server", "timeouts", "upstreams", "models", "auth"])
+def test_table_that_is_not_a_table(table: str):
+    data = example()
+    data[table] = 5
+    assert error_of(data) == f"{table}: expected a table"
+
+
+def test_parse_config_does_not_modify_its_input():
+    data = example()
+    before = copy.deepcopy(data)
+    parse_config(data, ENV)
+    assert data == before
+
+
+def test_parse_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", "from-the-environment")
+    config = parse_config(example())
+    assert config.upstreams["openrouter"].api_key == "from-the-environment"
+
+
+# --- load_config -----------------------------------------------------------------------------
+
+
+def test_load_config_reads_a_file(tmp_path: Path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(EXAMPLE_TOML, encoding="utf-8")
+    assert load_config(path, ENV) == parse_config(example(), ENV)
+    assert load_config(str(path), ENV).bind == "0.0.0.0:8080"
+
+
+def test_load_config_not_toml(tmp_path: Path):
+    path = tmp_path / "gateway.toml"
+    path.write_text("[server\nbind = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert str(info.value).startswith(f"{path}: not valid TOML")
+
+
+def test_load_config_missing_file(tmp_path: Path):
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert str(path) in str(info.value)
+    assert "cannot read" in str(info.value)
+
+
+def test_load_config_directory(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path, ENV)
+
+
+def test_load_config_not_utf8(tmp_path: Path):
+    path = tmp_path / "gateway.toml"
+    path.write_bytes(b'[server]\nbind = "\xff:80"\n')
+    with pytest.raises(ConfigError):
+        load_config(path, ENV)
+
+
+def test_load_config_error_never_shows_the_key(tmp_path: Path):
+    path = tmp_path / "gateway.toml"
+    path.write_text(EXAMPLE_TOML.replace('auth = "bearer"', 'auth = "nope"'), encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ENV)
+    assert SECRET not in str(info.value)
+    assert str(info.value).startswith("upstreams.openrouter.auth:")
