@@ -1,0 +1,7 @@
+"""``python -m trio_gateway`` is the ``trio-gateway`` command."""
+
+import sys
+
+from trio_gateway._cli import main
+
+sys.exit(main())
