@@ -427,3 +427,23 @@ async def test_drain_returns_early_when_streams_finish(autojump_clock: trio.test
         await gateway.drain(grace=100)
         assert trio.current_time() == pytest.approx(3)
     assert_clean_and_rewritten("chat", call)
+
+
+def test_connect_timeout_is_configured_on_every_upstream_client():
+    gateway, _ = make_gateway(FakeResponse(), timeouts=Timeouts(connect=7, first_byte=99))
+    for client in gateway.upstreams._clients.values():
+        assert client.timeout.connect == 7
+        assert client.timeout.pool == 7
+        assert client.timeout.read is None  # idle is the gateway's own scope, per chunk
+
+
+def test_nothing_parses_sse_with_splitlines_or_aiter_lines():
+    # str.splitlines() splits on U+2028, U+0085, form feed...; httpx's aiter_lines
+    # likewise. Only the codec finds SSE line ends.
+    package = Path(__file__).parent.parent / "trio_gateway"
+    offenders = [
+        path.name
+        for path in package.glob("*.py")
+        if "splitlines(" in path.read_text() or "aiter_lines" in path.read_text()
+    ]
+    assert offenders == []

@@ -135,7 +135,11 @@ class Script:
     send_done_all_kinds: bool = False
     """Messages and Responses: end with ``data: [DONE]`` too (as some aggregators do)."""
     cost: bool = True
-    """Add OpenRouter's ``cost``, ``is_byok`` and ``cost_details`` to every usage."""
+    """Add OpenRouter's ``cost``, ``is_byok`` and ``cost_details`` to every usage.
+
+    The cost is :func:`usage_cost`; Messages' ``message_start`` carries the
+    input's cost alone, its ``message_delta`` the total.
+    """
     status: int = 200
     """A non-2xx status answers with the kind's error JSON (or ``error_body``)."""
     error_body: bytes | None = None
@@ -147,7 +151,11 @@ class Script:
     fault_at: int = 0
     """Body bytes sent before the fault; negative: before the response head."""
     total_bytes: int | None = None
-    """Stream deltas until at least this many body bytes are out, then the tail."""
+    """Stream deltas until at least this many body bytes are out, then the tail.
+
+    Usage then counts the deltas sent; the Responses ``.done`` events and the
+    final ``response`` carry an empty text, which would be as large as the stream.
+    """
     model: str | None = None
     """The model in responses; None echoes the request's (or :data:`DEFAULT_MODEL`)."""
 
@@ -832,7 +840,6 @@ class MockUpstream:
                 task_status.started(self._port)
                 while True:
                     sock, _ = await listener.accept()
-                    sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
                     record = MockConnection(len(self.connections), trio.current_time())
                     self.connections.append(record)
                     nursery.start_soon(_Connection(self, sock, record).run)
@@ -926,6 +933,8 @@ class _Connection:
         """
         try:
             with self.sock, self.scope:
+                with contextlib.suppress(OSError):  # the peer may be gone already
+                    self.sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_until_closed)
                     with contextlib.suppress(_PeerGone):
