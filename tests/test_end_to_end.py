@@ -8,6 +8,8 @@ Every test has an absolute ``trio.fail_after``.
 from __future__ import annotations
 
 import io
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -320,3 +322,44 @@ async def test_shutdown_ends_open_stream_with_error_event(nursery: trio.Nursery)
     assert b'"type":"shutdown"' in text
     assert b"[DONE]" not in text
     assert mock.connections[-1].closed.is_set()
+
+
+async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.Nursery):
+    """A client that stops reading but keeps its socket: the upstream is freed anyway.
+
+    Hypercorn shields its socket write, so the gateway's writer stays blocked in
+    ``send``; the reader gives up after ``client_stall`` and closes upstream.
+    """
+    mock = MockUpstream(Script(total_bytes=1 << 30), api_key=UPSTREAM_KEY)
+    await nursery.start(mock.serve)
+    config = GatewayConfig(
+        upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
+        models={FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True)},
+        keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
+        timeouts=Timeouts(client_stall=0.5, keepalive=0),
+    )
+    stop = trio.Event()
+    urls = await nursery.start(
+        partial(serve, Gateway(config), "127.0.0.1:0", shutdown_trigger=stop.wait)
+    )
+    port = int(urls[0].rsplit(":", 1)[1])
+    body = b'{"model": "%s", "stream": true, "messages": []}' % FREE.encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+        % (CLIENT_KEY.encode(), len(body), body)
+    )
+    with trio.fail_after(TIME_LIMIT):
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        with client.socket as sock:
+            await client.send_all(request)
+            sent_at = trio.current_time()
+            await trio.sleep(0.1)
+            assert mock.connections, "the gateway reached upstream"
+            # The client never reads: buffers fill, then the stall timer runs.
+            await mock.connections[-1].closed.wait()
+            assert mock.connections[-1].closed_by_peer
+            stalled_for = (mock.connections[-1].closed_at or 0) - sent_at
+            assert 0.5 <= stalled_for < 5
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stop.set()
