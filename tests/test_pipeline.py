@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from tests.helpers import (
+    CLIENT_KEY,
     PUBLIC_MODEL,
     STALL,
     UPSTREAM_KEY,
@@ -447,3 +448,89 @@ def test_nothing_parses_sse_with_splitlines_or_aiter_lines():
         if "splitlines(" in path.read_text() or "aiter_lines" in path.read_text()
     ]
     assert offenders == []
+
+
+async def test_drain_stops_a_request_waiting_for_upstream_headers(
+    autojump_clock: trio.testing.MockClock,
+):
+    gateway, _ = make_gateway(FakeResponse(headers_delay=1e6))
+    call = request_for("messages")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(1)
+        await gateway.drain(grace=5)
+    assert trio.current_time() == pytest.approx(6)
+    assert call.status == 503
+    assert call.json_body()["error"]["type"] == "overloaded_error"
+    # A request that arrives once the grace has run out is stopped at once.
+    late = await request_for("chat").run(gateway)
+    assert late.status == 503
+    assert trio.current_time() == pytest.approx(6)
+
+
+async def test_drain_stops_a_whole_body_read(autojump_clock: trio.testing.MockClock):
+    answer = FakeResponse(body=[b'{"model": "x", ', STALL], content_type="application/json")
+    gateway, upstream = make_gateway(answer)
+    call = AsgiCall.json({"model": PUBLIC_MODEL, "messages": []})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(1)
+        await gateway.drain(grace=2)
+    assert call.status == 503
+    assert "shutting down" in call.json_body()["error"]["message"]
+    assert upstream.bodies[0].closed_at == pytest.approx(3)
+
+
+async def test_upstream_is_closed_before_the_error_event_goes_out(
+    autojump_clock: trio.testing.MockClock,
+):
+    data = stream_bytes("chat")
+    body: list[BodyStep] = [data[:300], httpx.ReadError("reset")]
+    gateway, upstream = make_gateway(FakeResponse(body=body))
+    call = await request_for("chat", send_delay=10.0).run(gateway)
+    closed_at = upstream.bodies[0].closed_at
+    assert closed_at is not None
+    # Sending each part takes the slow client 10 s; the upstream was already
+    # closed when the error event started on its way.
+    assert closed_at <= call.part_times[-1] - 10
+    assert "error" in orjson.loads(call.events[-1].data or "")
+
+
+@pytest.mark.parametrize(
+    ("kind", "terminal"), [("messages", "message_stop"), ("responses", "response.completed")]
+)
+async def test_terminal_event_is_held_until_the_upstream_ends_cleanly(
+    kind: str, terminal: str, autojump_clock: trio.testing.MockClock
+):
+    data = stream_bytes(kind)
+    # Everything arrives, terminal event included, then the connection breaks.
+    gateway, _ = make_gateway(FakeResponse(body=[data, httpx.RemoteProtocolError("cut")]))
+    call = await request_for(kind).run(gateway)
+    names = [e.event for e in call.events]
+    assert terminal not in names
+    assert names[-1] == "error"
+    if kind == "responses":
+        numbers = [orjson.loads(e.data or "")["sequence_number"] for e in call.events]
+        assert numbers == list(range(len(numbers))), "the error event numbers on from the last sent"
+
+
+async def test_streamed_transcription_of_a_free_model_loses_its_cost(
+    autojump_clock: trio.testing.MockClock,
+):
+    event = {"type": "transcript.text.done", "text": "hi", "usage": {"seconds": 3, "cost": 0.1}}
+    gateway, _ = make_gateway(FakeResponse(body=sse(event)))
+    boundary = "b0undary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{PUBLIC_MODEL}\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    call = AsgiCall(
+        path="/v1/audio/transcriptions",
+        body=form,
+        headers=[
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"authorization", f"Bearer {CLIENT_KEY}".encode()),
+        ],
+    )
+    await call.run(gateway)
+    assert orjson.loads(call.events[0].data or "")["usage"] == {"seconds": 3}

@@ -44,7 +44,7 @@ from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
 from trio_gateway._rewrite import PassThroughPolicy, Policy, StreamRewriter, rewrite_json_body
 from trio_gateway._upstream import (
-    ReadControl,
+    ExchangeControl,
     UpstreamError,
     Upstreams,
     close_response,
@@ -102,8 +102,9 @@ class Gateway:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
         self._closed = False
-        self._open_streams: set[ReadControl] = set()
-        self._streams_changed = trio.Event()
+        self._open_exchanges: set[ExchangeControl] = set()
+        self._exchanges_changed = trio.Event()
+        self._stopping: Failure | None = None  # set once drain's grace has run out
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -144,17 +145,19 @@ class Gateway:
             await self.upstreams.aclose()
 
     async def drain(self, grace: float) -> None:
-        """Let open streams finish for ``grace`` seconds, then end the rest with an error.
+        """Let open exchanges finish for ``grace`` seconds, then stop the rest.
 
-        A checkpoint. Streams it stops still send their kind's error event.
+        A checkpoint. A stopped exchange still answers its client: a 503
+        JSON error before upstream headers, the kind's error event in a
+        stream. Requests that arrive later are stopped at once.
         """
         with trio.move_on_after(grace):
-            while self._open_streams:
-                self._streams_changed = trio.Event()
-                await self._streams_changed.wait()
-        failure = Failure(FailureType.SHUTDOWN, "the gateway is shutting down")
-        for control in list(self._open_streams):
-            control.stop(failure)
+            while self._open_exchanges:
+                self._exchanges_changed = trio.Event()
+                await self._exchanges_changed.wait()
+        self._stopping = Failure(FailureType.SHUTDOWN, "the gateway is shutting down")
+        for control in list(self._open_exchanges):
+            control.stop(self._stopping)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex
@@ -266,23 +269,34 @@ class Gateway:
     async def _exchange(
         self, kind: Kind, route: ModelRoute, request: httpx.Request, send: Send, request_id: str
     ) -> None:
-        """Send upstream and answer the client; a checkpoint, cancelled on disconnect."""
+        """Send upstream and answer the client; a checkpoint, cancelled on disconnect.
+
+        Registered with :meth:`drain` for its whole life, so a shutdown can
+        stop it at any stage and the client still gets an answer.
+        """
         upstream = self.config.upstreams[route.upstream]
+        control = ExchangeControl()
+        if self._stopping is not None:
+            control.stop(self._stopping)
+        self._open_exchanges.add(control)
         try:
-            response = await self.upstreams.open(upstream, request)
-        except UpstreamError as exc:
-            failure = exc.failure
-            body = error_body(kind, failure.status, failure.message, failure.type.value)
-            await _send_json(send, failure.status, body, request_id)
-            return
-        try:
-            content_type = response.headers.get("content-type", "")
+            try:
+                response = await self.upstreams.open(upstream, request, control)
+            except UpstreamError as exc:
+                await _send_failure(send, kind, exc.failure, request_id)
+                return
+            content_type = response.headers.get("content-type", "").lower()
             if response.is_success and content_type.startswith("text/event-stream"):
-                await self._stream(kind, route, response, send, request_id)
+                # stream_events owns the response from here and closes it.
+                await self._stream(kind, route, response, send, request_id, control)
             else:
-                await self._whole(kind, route, response, send, request_id)
+                try:
+                    await self._whole(kind, route, response, send, request_id, control)
+                finally:
+                    await close_response(response)
         finally:
-            await close_response(response)
+            self._open_exchanges.discard(control)
+            self._exchanges_changed.set()
 
     async def _stream(
         self,
@@ -291,19 +305,17 @@ class Gateway:
         response: httpx.Response,
         send: Send,
         request_id: str,
+        control: ExchangeControl,
     ) -> None:
         policy = _POLICIES.get(kind, PassThroughPolicy)(route.public_name, free=route.free)
         rewriter = StreamRewriter(policy, max_event_bytes=self.config.max_event_bytes)
         headers = [*_STREAM_HEADERS, (b"x-request-id", request_id.encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-
-        control = ReadControl()
-        self._open_streams.add(control)
         try:
-            await stream_events(response, rewriter, _AsgiBody(send), self.config.timeouts, control)
-        finally:
-            self._open_streams.discard(control)
-            self._streams_changed.set()
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+        except BaseException:
+            await close_response(response)
+            raise
+        await stream_events(response, rewriter, _AsgiBody(send), self.config.timeouts, control)
 
     async def _whole(
         self,
@@ -312,15 +324,14 @@ class Gateway:
         response: httpx.Response,
         send: Send,
         request_id: str,
+        control: ExchangeControl,
     ) -> None:
         try:
             body = await _read_upstream_body(
-                response, self.config.max_upstream_body_bytes, self.config.timeouts.idle
+                response, self.config.max_upstream_body_bytes, self.config.timeouts.idle, control
             )
         except UpstreamError as exc:
-            failure = exc.failure
-            body = error_body(kind, failure.status, failure.message, failure.type.value)
-            await _send_json(send, failure.status, body, request_id)
+            await _send_failure(send, kind, exc.failure, request_id)
             return
         status = response.status_code
         if status in (401, 403, 407):
@@ -387,21 +398,29 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _read_upstream_body(response: httpx.Response, limit: int, idle: float) -> bytes:
+async def _read_upstream_body(
+    response: httpx.Response, limit: int, idle: float, control: ExchangeControl
+) -> bytes:
     """The whole upstream body, bounded in size and in silence between reads.
 
-    A checkpoint. Raises UpstreamError on a cut, a timeout or an oversize body.
+    A checkpoint. Raises UpstreamError on a cut, a timeout, a stop through
+    ``control`` or an oversize body.
     """
     parts: list[bytes] = []
     size = 0
     async with raw_chunks(response) as chunks:
-        while (chunk := await next_chunk(chunks, idle)) is not None:
+        while (chunk := await next_chunk(chunks, idle, control)) is not None:
             size += len(chunk)
             if size > limit:
                 message = f"the upstream answer is over {limit} bytes"
-                raise UpstreamError(Failure(FailureType.REWRITE_ERROR, message))
+                raise UpstreamError(Failure(FailureType.UPSTREAM_TOO_LARGE, message))
             parts.append(chunk)
     return b"".join(parts)
+
+
+async def _send_failure(send: Send, kind: Kind, failure: Failure, request_id: str) -> None:
+    body = error_body(kind, failure.status, failure.message, failure.type.value)
+    await _send_json(send, failure.status, body, request_id)
 
 
 async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -47,6 +47,7 @@ class FailureType(enum.StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     IDLE_TIMEOUT = "idle_timeout"
     UPSTREAM_STATUS = "upstream_status"
+    UPSTREAM_TOO_LARGE = "upstream_too_large"
     REWRITE_ERROR = "rewrite_error"
     SHUTDOWN = "shutdown"
 

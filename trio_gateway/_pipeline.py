@@ -14,8 +14,9 @@ zero-buffer memory channel::
    it over, and only then reads again. A zero-buffer channel means the
    hand-over completes only when the writer takes the chunk, so a slow client
    slows the upstream read: backpressure is the structure, not a policy.
-   Memory in flight is at most the chunk being handed over plus the chunk the
-   writer is sending. The reader always closes the upstream response on its
+   Memory in flight is bounded by the chunk being handed over, the chunk the
+   writer is sending, and the rewriter's unfinished event (at most
+   ``max_event_bytes``). The reader closes the upstream response on every
    way out (shielded, bounded): that socket closing is what makes a provider
    stop generating and billing.
 2. **The writer (the request's own task) owns the receive end.** It feeds each
@@ -27,20 +28,26 @@ zero-buffer memory channel::
 3. **Failures travel as data.** An upstream error after headers (reset,
    truncation, idle timeout, shutdown) is caught at the boundary in the reader
    and handed over as a :class:`~trio_gateway._kinds.Failure`. The writer
-   answers it with the kind's error event and ends the body, so a failure is
-   never mistaken for a clean end and a ``[DONE]`` never follows it.
-4. **Who cancels what.**
+   turns it into the kind's error event, so a failure is never mistaken for a
+   clean end and a ``[DONE]`` never follows it.
+4. **The upstream closes before the ending goes out.** The last bytes (the
+   clean tail, or the error event) are sent only after the nursery has
+   exited, that is after the reader has closed the upstream: a client that
+   is slow to take the ending cannot keep a provider generating.
+5. **Who cancels what.**
 
    * Client disconnect: the request's disconnect watcher cancels the scope
      around this whole pipeline. Both tasks unwind; the reader's ``finally``
-     closes upstream.
+     closes upstream; nothing more is sent.
    * Client stall: the reader gives up handing a chunk over after
      ``client_stall`` seconds, closes upstream and leaves. The writer may be
-     stuck inside hypercorn's ``send``, which shields its socket write; it
-     returns when the client reads or leaves, and then ends the stream with
-     the error event (see docs/cancellation.md).
+     stuck inside hypercorn's ``send``, which shields its socket write: if
+     the client reads again the writer ends the stream with the error event;
+     if it leaves, the send fails and nothing more is sent (see
+     docs/cancellation.md).
    * Idle timeout and shutdown cancel only the current upstream read
-     (:class:`~trio_gateway._upstream.ReadControl`), so the reader can still hand the failure over.
+     (:class:`~trio_gateway._upstream.ExchangeControl`), so the reader can
+     still hand the failure over.
    * A rewrite error in the writer cancels the reader with a reason.
 """
 
@@ -57,7 +64,7 @@ from trio_gateway._config import Timeouts
 from trio_gateway._kinds import Failure, FailureType
 from trio_gateway._rewrite import StreamRewriter
 from trio_gateway._upstream import (
-    ReadControl,
+    ExchangeControl,
     UpstreamError,
     close_response,
     next_chunk,
@@ -111,7 +118,7 @@ async def _read_upstream(
     response: httpx.Response,
     to_writer: trio.MemorySendChannel[_ChannelItem],
     timeouts: Timeouts,
-    control: ReadControl,
+    control: ExchangeControl,
     result: StreamResult,
 ) -> None:
     """Reader task: owns ``response`` and ``to_writer``; closes both on every way out.
@@ -147,10 +154,11 @@ async def _write_client(
     body: ClientBody,
     keepalive: float,
     result: StreamResult,
-) -> None:
-    """Writer: owns ``from_reader``; sends rewritten items, keepalives, and the ending.
+) -> bytes:
+    """Writer: owns ``from_reader``; sends rewritten items and keepalives.
 
-    Ends the body (``more_body`` false) on every way out but cancellation.
+    Returns the ending to send once the upstream is closed: the clean tail,
+    or the error event if the stream failed.
     """
     with from_reader:
         while True:
@@ -164,26 +172,22 @@ async def _write_client(
                 continue
             if isinstance(item, Failure):
                 result.failure = item
-                await body.end(rewriter.fail(item))
-                return
+                return rewriter.fail(item)
             result.chunks += 1
             try:
                 out = rewriter.feed(item)
             except SSEError as exc:
                 result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
-                await body.end(rewriter.fail(result.failure))
-                return
+                return rewriter.fail(result.failure)
             if out:
                 await body.send(out)
     if result.failure is not None:  # the reader gave up on this client
-        await body.end(rewriter.fail(result.failure))
-        return
+        return rewriter.fail(result.failure)
     try:
-        tail = rewriter.finish()
+        return rewriter.finish()
     except SSEError as exc:
         result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
-        tail = rewriter.fail(result.failure)
-    await body.end(tail)
+        return rewriter.fail(result.failure)
 
 
 async def stream_events(
@@ -191,7 +195,7 @@ async def stream_events(
     rewriter: StreamRewriter,
     body: ClientBody,
     timeouts: Timeouts,
-    control: ReadControl | None = None,
+    control: ExchangeControl,
 ) -> StreamResult:
     """Stream ``response``'s events through ``rewriter`` to ``body``; say how it ended.
 
@@ -200,12 +204,12 @@ async def stream_events(
     upstream is closed and the client body is left unfinished, so no client
     can mistake it for a clean end.
     """
-    control = control or ReadControl()
     result = StreamResult()
     send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
     keepalive = timeouts.keepalive if timeouts.keepalive > 0 else math.inf
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
-        await _write_client(receive_chan, rewriter, body, keepalive, result)
+        ending = await _write_client(receive_chan, rewriter, body, keepalive, result)
         nursery.cancel_scope.cancel(reason="client writer finished")
+    await body.end(ending)
     return result

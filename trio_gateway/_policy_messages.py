@@ -15,6 +15,8 @@ class MessagesPolicy(Policy):
     Decided from the event name, so content deltas pass without a JSON parse.
     """
 
+    terminal_events = frozenset({"message_stop"})
+
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         name = event.event
         if name != "message_start" and name != "message_delta":

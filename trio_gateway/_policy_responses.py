@@ -29,19 +29,26 @@ class ResponsesPolicy(Policy):
     read without parsing the JSON.
     """
 
+    terminal_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
     def __init__(self, public_model: str, *, free: bool) -> None:
         super().__init__(public_model, free=free)
         self.last_sequence = -1
+        # From a terminal event on, events are held back (see StreamRewriter) and
+        # dropped on failure, so the error event numbers on from the last sent.
+        self._holding = False
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
+        self._holding = self._holding or event.event in self.terminal_events
         if event.event not in _RESPONSE_EVENTS:
-            self._note_sequence(event.data)
+            if not self._holding:
+                self._note_sequence(event.data)
             return None
         payload = parse_object(event.data)
         if payload is None:
             return None
         sequence = payload.get("sequence_number")
-        if isinstance(sequence, int):
+        if isinstance(sequence, int) and not self._holding:
             self.last_sequence = sequence
         response = payload.get("response")
         if not isinstance(response, dict):

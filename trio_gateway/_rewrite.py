@@ -9,12 +9,17 @@ The rules every kind shares live here:
 
 * upstream comments become the gateway's own comment, so the upstream's
   identity does not leak;
-* ``data: [DONE]`` is held back and sent last, and only if upstream sent it
-  and the stream ended cleanly; a failure ends the stream with the kind's
-  error event instead;
+* the events that claim a complete answer (``data: [DONE]``, and each kind's
+  terminal events such as ``message_stop`` or ``response.completed``) are
+  held back until the upstream body has ended cleanly, with everything after
+  them; ``[DONE]`` goes out last, and only if upstream sent it. A failure
+  drops what was held and ends the stream with the kind's error event, so a
+  client never sees a clean end followed by an error;
 * an event the policy leaves alone goes out byte for byte (``raw``); a
   changed one is re-serialised compactly, keeping its ``event:``, ``id:`` and
-  ``retry:`` lines;
+  ``retry:`` lines. The output is always valid UTF-8: an event whose decoded
+  text holds U+FFFD (the codec's mark for invalid input) is re-encoded from
+  that text rather than forwarded raw;
 * a final event that lacked its blank line is delivered, terminated.
 """
 
@@ -25,7 +30,7 @@ from typing import Any
 import orjson
 
 from trio_gateway._kinds import Failure
-from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
+from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent, encode_event
 
 __all__ = [
     "GATEWAY_COMMENT",
@@ -89,8 +94,11 @@ class Policy:
 
     ``rewrite_event`` returns the bytes to send instead of ``event``, or None
     to forward ``event.raw`` unchanged (the cheap path: decide from the event
-    name without parsing JSON wherever the kind allows).
+    name without parsing JSON wherever the kind allows). ``terminal_events``
+    names the events that claim the answer is complete.
     """
+
+    terminal_events: frozenset[str] = frozenset()
 
     def __init__(self, public_model: str, *, free: bool) -> None:
         self.public_model = public_model
@@ -112,12 +120,16 @@ class PassThroughPolicy(Policy):
     """
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
-        if event.data is None or '"model"' not in event.data:
+        data = event.data
+        if data is None or ('"model"' not in data and '"usage"' not in data):
             return None
-        payload = parse_object(event.data)
-        if payload is None or not set_model(payload, "model", self.public_model):
+        payload = parse_object(data)
+        if payload is None:
             return None
-        return reencode(event, payload)
+        changed = set_model(payload, "model", self.public_model)
+        if self.free:
+            changed |= strip_cost(payload.get("usage"))
+        return reencode(event, payload) if changed else None
 
     def error_event(self, failure: Failure) -> bytes:
         payload = {"error": {"message": failure.message, "type": failure.type.value}}
@@ -133,27 +145,44 @@ def _terminated(raw: bytes) -> bytes:
     return raw + b"\n\n"
 
 
+def _reencoded(item: SSEEvent) -> bytes:
+    """``item`` written afresh from its decoded fields (unknown fields are lost)."""
+    if item.data is None and item.event is None and item.id is None and item.retry is None:
+        return b""  # only unknown fields: nothing a client could use
+    return encode_event(data=item.data, event=item.event, id=item.id, retry=item.retry)
+
+
 class StreamRewriter:
     """Rewrites one event stream; see the module docstring for the rules."""
 
-    __slots__ = ("_decoder", "_policy", "saw_done")
+    __slots__ = ("_decoder", "_held", "_policy", "_terminal", "saw_done")
 
     def __init__(self, policy: Policy, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._decoder = SSEDecoder(max_event_bytes)
         self._policy = policy
+        self._terminal = policy.terminal_events
+        self._held: list[bytes] | None = None  # a list once a terminal event arrived
         self.saw_done = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether upstream has claimed a complete answer (sent [DONE] or a terminal event)."""
+        return self.saw_done or self._held is not None
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send for ``chunk`` (maybe empty). Raises SSEError on a runaway event."""
         return self._render(self._decoder.feed(chunk), final=False)
 
     def finish(self) -> bytes:
-        """Bytes to send at a clean end of the upstream stream, ``[DONE]`` last if it came."""
+        """Bytes to send at a clean end of the upstream stream: held events, ``[DONE]`` last."""
         out = self._render(self._decoder.close(), final=True)
+        if self._held:
+            out += b"".join(self._held)
         return out + DONE if self.saw_done else out
 
     def fail(self, failure: Failure) -> bytes:
-        """The kind's error event. An unfinished upstream event is dropped: it may be cut short."""
+        """The kind's error event, instead of anything held and any unfinished event."""
+        self._held = None
         return self._policy.error_event(failure)
 
     def _render(self, items: list[SSEEvent], *, final: bool) -> bytes:
@@ -161,17 +190,26 @@ class StreamRewriter:
         rewrite = self._policy.rewrite_event
         for item in items:
             if item.comment is not None:
-                parts.append(GATEWAY_COMMENT)
+                out = GATEWAY_COMMENT
             elif item.data == "[DONE]":
                 self.saw_done = True
+                continue
             else:
-                out = rewrite(item)
-                if out is not None:
-                    parts.append(out)
+                rewritten = rewrite(item)
+                if rewritten is not None:
+                    out = rewritten
+                elif "\ufffd" in (item.data or "") or "\ufffd" in (item.event or ""):
+                    out = _reencoded(item)  # raw bytes may be invalid UTF-8
                 elif final:
-                    parts.append(_terminated(item.raw))
+                    out = _terminated(item.raw)
                 else:
-                    parts.append(item.raw)
+                    out = item.raw
+                if self._held is None and item.event in self._terminal:
+                    self._held = []
+            if self._held is None:
+                parts.append(out)
+            else:
+                self._held.append(out)
         return b"".join(parts)
 
 

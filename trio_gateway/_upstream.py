@@ -25,7 +25,7 @@ from trio_gateway._config import GatewayConfig, Timeouts, Upstream
 from trio_gateway._kinds import Failure, FailureType, Kind
 
 __all__ = [
-    "ReadControl",
+    "ExchangeControl",
     "UpstreamError",
     "Upstreams",
     "close_response",
@@ -72,11 +72,15 @@ def upstream_errors(phase: str) -> Iterator[None]:
         raise UpstreamError(failure) from None
 
 
-class ReadControl:
-    """Lets another task stop a reader between or during upstream reads.
+class ExchangeControl:
+    """Lets another task stop an upstream exchange while it waits on upstream.
 
-    Cancelling the current read (not the reader) leaves the reader free to
-    pass the failure on, so the client still gets an error event.
+    Each wait on upstream (for response headers, for the next chunk) runs in
+    a scope registered with :meth:`guarded`; :meth:`stop` cancels that scope
+    (or the next one) and the wait raises :class:`UpstreamError` with the
+    failure. Only the wait is cancelled, never the task, so the task can
+    still answer the client: a JSON error before headers, the kind's error
+    event after them. Graceful shutdown uses this.
     """
 
     __slots__ = ("_scope", "failure")
@@ -86,11 +90,27 @@ class ReadControl:
         self._scope: trio.CancelScope | None = None
 
     def stop(self, failure: Failure) -> None:
-        """Stop reading with ``failure``; not a checkpoint. The first call wins."""
+        """Stop the exchange with ``failure``; not a checkpoint. The first call wins."""
         if self.failure is None:
             self.failure = failure
             if self._scope is not None:
                 self._scope.cancel(reason=failure.message)
+
+    @contextmanager
+    def guarded(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Register ``scope`` as the current wait; raise UpstreamError if stopped."""
+        if self.failure is not None:
+            raise UpstreamError(self.failure)
+        self._scope = scope
+        try:
+            yield
+        finally:
+            self._scope = None
+
+    def check(self) -> None:
+        """Raise UpstreamError if the exchange was stopped. Not a checkpoint."""
+        if self.failure is not None:
+            raise UpstreamError(self.failure)
 
 
 def raw_chunks(response: httpx.Response) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
@@ -100,7 +120,7 @@ def raw_chunks(response: httpx.Response) -> AbstractAsyncContextManager[AsyncIte
 
 
 async def next_chunk(
-    chunks: AsyncIterator[bytes], idle: float, control: ReadControl | None = None
+    chunks: AsyncIterator[bytes], idle: float, control: ExchangeControl
 ) -> bytes | None:
     """The next upstream chunk, or None at a clean end of the body.
 
@@ -108,21 +128,13 @@ async def next_chunk(
     silent for ``idle`` seconds, or ``control`` is stopped. Cancellation
     leaves ``chunks`` unusable; close it.
     """
-    with trio.move_on_after(idle) as read_scope:
-        if control is not None:
-            if control.failure is not None:
-                raise UpstreamError(control.failure)
-            control._scope = read_scope
+    with trio.move_on_after(idle) as read_scope, control.guarded(read_scope):
         try:
             with upstream_errors("stream"):
                 return await anext(chunks)
         except StopAsyncIteration:
             return None
-        finally:
-            if control is not None:
-                control._scope = None
-    if control is not None and control.failure is not None:
-        raise UpstreamError(control.failure)
+    control.check()
     raise UpstreamError(Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s"))
 
 
@@ -209,18 +221,25 @@ class Upstreams:
             "POST", upstream.base_url + kind.path, content=body, headers=headers
         )
 
-    async def open(self, upstream: Upstream, request: httpx.Request) -> httpx.Response:
+    async def open(
+        self, upstream: Upstream, request: httpx.Request, control: ExchangeControl
+    ) -> httpx.Response:
         """Send ``request`` and return once response headers arrive; the body streams later.
 
         A checkpoint. Raises :class:`UpstreamError` on failure, including the
-        first-byte timeout. Cancellation closes the half-made connection. The
-        caller owns the response and must :func:`close_response` it.
+        first-byte timeout and a stop through ``control``. Cancellation closes
+        the half-made connection. The caller owns the response and must
+        :func:`close_response` it.
         """
         first_byte = self._config.timeouts.first_byte
-        with trio.move_on_after(first_byte) as waited:
-            with upstream_errors("request"):
-                return await self._clients[upstream.name].send(request, stream=True)
-        assert waited.cancelled_caught
+        client = self._clients[upstream.name]
+        with (
+            trio.move_on_after(first_byte) as waited,
+            control.guarded(waited),
+            upstream_errors("request"),
+        ):
+            return await client.send(request, stream=True)
+        control.check()
         raise UpstreamError(
             Failure(
                 FailureType.UPSTREAM_TIMEOUT,

@@ -19,7 +19,9 @@ Parsing follows the WHATWG HTML "server-sent events" interpretation rules
    so a character split across two chunks is simply part of a line that is
    not complete yet. Only complete field values are decoded, with the
    replacement behaviour of the spec's "UTF-8 decode" (U+FFFD per maximal
-   invalid subpart), so invalid input is replaced, never raised on.
+   invalid subpart), so invalid input is replaced, never raised on. Chunks
+   without a line end are appended to the pending line, not rescanned, so
+   a long line costs time linear in its length however it is chunked.
 2. A line that ends in CR is complete as soon as the CR arrives. If the next
    chunk then starts with LF, that LF finishes the CRLF: it joins the ``raw``
    of that line if the line is in the still-open block, and is dropped if
@@ -154,7 +156,7 @@ class SSEDecoder:
         self._skip_lf = False  # the previous chunk ended in CR
         self._lf_joins_block = False  # ... and that CR ended a line of the open block
         self._closed = False
-        self._partial = b""  # bytes of a line whose end has not arrived
+        self._partial = bytearray()  # bytes of a line whose end has not arrived
         self._reset_block()
 
     def _reset_block(self) -> None:
@@ -191,17 +193,29 @@ class SSEDecoder:
                         )
                 if not chunk:
                     return []
-        buffer = self._partial + chunk if self._partial else chunk
+        if self._partial and not self._at_start and _LF not in chunk and _CR not in chunk:
+            # The pending line goes on: append, do not rescan, so that a long
+            # line arriving in many chunks costs linear, not quadratic, time.
+            self._partial += chunk
+            self._check_pending()
+            return []
+        buffer = b"".join((self._partial, chunk)) if self._partial else chunk
         if self._at_start:
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
-                self._partial = buffer  # could still become a BOM
+                self._partial = bytearray(buffer)  # could still become a BOM
                 return []
             self._at_start = False
             if buffer.startswith(_BOM):
                 buffer = buffer[len(_BOM) :]
         items: list[SSEEvent] = []
         pos = self._scan(buffer, items)
-        self._partial = partial = buffer[pos:]
+        self._partial = bytearray(buffer[pos:])
+        self._check_pending()
+        return items
+
+    def _check_pending(self) -> None:
+        """Raise if the line whose end has not arrived takes an item past the limit."""
+        partial = self._partial
         if partial[:1] == b":":  # a comment stands alone: the open block does not count
             if len(partial) > self._max_event_bytes:
                 raise SSEEventTooLarge(f"an SSE comment is over {self._max_event_bytes} bytes")
@@ -209,7 +223,6 @@ class SSEDecoder:
             raise SSEEventTooLarge(
                 f"an SSE event grew past {self._max_event_bytes} bytes without ending"
             )
-        return items
 
     def close(self) -> list[SSEEvent]:
         """End of stream: return a final item that lacked its blank line, if any.
@@ -224,7 +237,8 @@ class SSEDecoder:
         items: list[SSEEvent] = []
         last_comment: list[SSEEvent] = []
         if self._partial:
-            line, self._partial = self._partial, b""
+            line = bytes(self._partial)
+            self._partial = bytearray()
             self._line(line, line, last_comment)
         if self._has_fields:
             self._dispatch(items)
