@@ -38,7 +38,9 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stdin", ["secret\n", "secret\r\n", "secret", "secret\nsecond line\n"])
+@pytest.mark.parametrize(
+    "stdin", ["secret\n", "secret\r\n", "secret", "secret\nsecond line\n", "  secret \t\n"]
+)
 def test_hash_key_reads_stdin(
     stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
@@ -49,7 +51,7 @@ def test_hash_key_reads_stdin(
     assert "secret" not in captured.out + captured.err
 
 
-@pytest.mark.parametrize("stdin", ["", "\n", "\r\n"])
+@pytest.mark.parametrize("stdin", ["", "\n", "\r\n", "   \n"])
 def test_hash_key_empty_stdin_exits_2(
     stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):

@@ -451,3 +451,12 @@ def test_load_config_error_never_shows_the_key(tmp_path: Path):
         load_config(path, ENV)
     assert SECRET not in str(info.value)
     assert str(info.value).startswith("upstreams.openrouter.auth:")
+
+
+def test_timeouts_built_in_code_treat_zero_as_off_for_optional_ones_only():
+    timeouts = Timeouts(idle=0, keepalive=0, client_stall=0)
+    assert (timeouts.idle, timeouts.keepalive, timeouts.client_stall) == (math.inf,) * 3
+    with pytest.raises(ConfigError, match=r"timeouts\.connect"):
+        Timeouts(connect=0)
+    with pytest.raises(ConfigError, match=r"timeouts\.idle"):
+        Timeouts(idle=-1)

@@ -56,7 +56,9 @@ def _serve(config_path: str, bind: str | None) -> int:
 
 
 def _hash_key() -> int:
-    key = sys.stdin.readline().rstrip("\r\n")
+    # Clients send the key as a Bearer token or header value, which carry no
+    # surrounding white space; a key with some could never match.
+    key = sys.stdin.readline().strip()
     if not key:
         print("trio-gateway: hash-key: no key on standard input", file=sys.stderr)
         return 2

@@ -40,16 +40,30 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
+_OPTIONAL_TIMEOUTS = ("idle", "keepalive", "client_stall")
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. ``math.inf`` (or 0 in the file, for the optional ones) means off."""
+    """Seconds. For the optional ones (idle, keepalive, client_stall) 0 means off.
+
+    Off is stored as ``math.inf``, so code never needs to special-case 0.
+    """
 
     connect: float = 10.0
     first_byte: float = 120.0  # until upstream response headers
     idle: float = 300.0  # longest silence between upstream chunks
     keepalive: float = 15.0  # upstream silence after which the client gets a comment
     client_stall: float = 60.0  # longest a client may refuse to take the next chunk
-    shutdown: float = 30.0  # grace given to open streams on shutdown
+    shutdown: float = 30.0  # grace given to open exchanges on shutdown
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte", "idle", "keepalive", "client_stall", "shutdown"):
+            value = getattr(self, name)
+            if value == 0 and name in _OPTIONAL_TIMEOUTS:
+                object.__setattr__(self, name, math.inf)
+            elif not value > 0:
+                raise ConfigError(f"timeouts.{name}: expected a positive number, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,6 @@ zero-buffer memory channel::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -206,10 +205,9 @@ async def stream_events(
     """
     result = StreamResult()
     send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
-    keepalive = timeouts.keepalive if timeouts.keepalive > 0 else math.inf
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
-        ending = await _write_client(receive_chan, rewriter, body, keepalive, result)
+        ending = await _write_client(receive_chan, rewriter, body, timeouts.keepalive, result)
         nursery.cancel_scope.cancel(reason="client writer finished")
     await body.end(ending)
     return result
