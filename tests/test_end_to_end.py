@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -328,7 +327,8 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
     """A client that stops reading but keeps its socket: the upstream is freed anyway.
 
     Hypercorn shields its socket write, so the gateway's writer stays blocked in
-    ``send``; the reader gives up after ``client_stall`` and closes upstream.
+    ``send``; the reader gives up after ``client_stall`` and closes upstream,
+    and the kernel aborts the client connection so the server can still stop.
     """
     mock = MockUpstream(Script(total_bytes=1 << 30), api_key=UPSTREAM_KEY)
     await nursery.start(mock.serve)
@@ -339,9 +339,14 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
         timeouts=Timeouts(client_stall=0.5, keepalive=0),
     )
     stop = trio.Event()
-    urls = await nursery.start(
-        partial(serve, Gateway(config), "127.0.0.1:0", shutdown_trigger=stop.wait)
-    )
+    served = trio.Event()
+
+    async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+        gateway = Gateway(config)
+        await serve(gateway, "127.0.0.1:0", shutdown_trigger=stop.wait, task_status=task_status)
+        served.set()
+
+    urls = await nursery.start(run_server)
     port = int(urls[0].rsplit(":", 1)[1])
     body = b'{"model": "%s", "stream": true, "messages": []}' % FREE.encode()
     request = (
@@ -352,6 +357,7 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
     with trio.fail_after(TIME_LIMIT):
         client = await trio.open_tcp_stream("127.0.0.1", port)
         with client.socket as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await client.send_all(request)
             sent_at = trio.current_time()
             await trio.sleep(0.1)
@@ -361,5 +367,8 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
             assert mock.connections[-1].closed_by_peer
             stalled_for = (mock.connections[-1].closed_at or 0) - sent_at
             assert 0.5 <= stalled_for < 5
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        stop.set()
+            # The client still holds its socket and still reads nothing, yet the
+            # server can stop: the kernel aborts the stalled connection
+            # (TCP_USER_TIMEOUT), which frees hypercorn's shielded write.
+            stop.set()
+            await served.wait()

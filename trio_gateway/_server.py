@@ -1,6 +1,9 @@
 """Serving the app with hypercorn's trio worker, and shutting down gracefully.
 
 Theory of operation: :func:`serve` runs hypercorn in a nursery of its own.
+Listening sockets carry ``TCP_USER_TIMEOUT`` = ``timeouts.client_stall``, so
+the kernel aborts a connection whose client stopped reading (see
+:class:`_Config`).
 When the shutdown trigger fires (SIGINT or SIGTERM by default) hypercorn
 stops accepting connections and gives open ones ``timeouts.shutdown`` plus a
 margin; meanwhile :meth:`Gateway.drain` lets open streams finish for
@@ -10,11 +13,14 @@ event, so no client mistakes a shutdown for a clean end.
 
 from __future__ import annotations
 
+import math
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from trio_gateway._app import Gateway
@@ -26,9 +32,33 @@ __all__ = ["hypercorn_config", "serve"]
 _SEND_MARGIN = 5.0
 
 
+class _Config(HypercornConfig):
+    """Hypercorn's settings, plus a kernel-enforced bound on stalled clients.
+
+    Hypercorn shields its socket writes, so no cancellation can free a
+    connection whose client has stopped reading. ``TCP_USER_TIMEOUT`` makes
+    the kernel abort such a connection once it has made no progress for that
+    long, zero-window probing included (Linux 5.11+); the blocked write then
+    fails and the request's task ends. Accepted sockets inherit the option
+    from the listening socket.
+    """
+
+    stall_ms: int | None = None
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        if self.stall_ms is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.stall_ms)
+        return sockets
+
+
 def hypercorn_config(gateway: Gateway, bind: str) -> HypercornConfig:
     """Hypercorn settings for ``gateway`` listening on ``bind`` (HOST:PORT)."""
-    config = HypercornConfig()
+    config = _Config()
+    stall = gateway.config.timeouts.client_stall
+    config.stall_ms = None if math.isinf(stall) else max(1, round(stall * 1000))
     config.bind = [bind]
     config.graceful_timeout = gateway.config.timeouts.shutdown + _SEND_MARGIN
     config.accesslog = None
