@@ -8,10 +8,15 @@ Every test has an absolute ``trio.fail_after``.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anthropic
@@ -372,3 +377,53 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
             # (TCP_USER_TIMEOUT), which frees hypercorn's shielded write.
             stop.set()
             await served.wait()
+
+
+async def test_serve_command_with_a_toml_config(tmp_path: Path, nursery: trio.Nursery):
+    """`trio-gateway serve --config` as a user runs it, then SIGTERM stops it cleanly."""
+    mock = MockUpstream(Script(tokens=5), api_key=UPSTREAM_KEY)
+    await nursery.start(mock.serve)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[upstreams.mock]
+base_url = "{mock.base_url}"
+api_key_env = "E2E_UPSTREAM_KEY"
+auth = "x-api-key"
+
+[models."{FREE}"]
+upstream = "mock"
+upstream_model = "vendor/model:free"
+free = true
+
+[[keys]]
+name = "e2e"
+sha256 = "{hash_key(CLIENT_KEY)}"
+"""
+    )
+    env = {**os.environ, "E2E_UPSTREAM_KEY": UPSTREAM_KEY}
+    command = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
+    with trio.fail_after(TIME_LIMIT):
+        process = await trio.lowlevel.open_process(
+            [*command, "--bind", "127.0.0.1:0"], env=env, stderr=subprocess.PIPE
+        )
+        assert process.stderr is not None
+        banner = b""
+        while b"listening on" not in banner:
+            banner += await process.stderr.receive_some(4096)
+        url = banner.split(b"listening on ", 1)[1].split()[0].decode()
+        try:
+            with anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0) as client:
+                message = await in_thread(
+                    lambda: client.messages.create(
+                        model=FREE, max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+                    )
+                )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            status = await process.wait()
+            await process.stderr.aclose()
+    assert message.model == FREE
+    no_cost(message.usage)
+    assert mock.requests[-1].header("x-api-key") == UPSTREAM_KEY
+    assert status == 0

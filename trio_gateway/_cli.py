@@ -49,9 +49,13 @@ def _serve(config_path: str, bind: str | None) -> int:
     except ConfigError as exc:
         print(f"trio-gateway: config error: {exc}", file=sys.stderr)
         return 2
-    address = bind or config.bind
-    print(f"trio-gateway listening on http://{address}", file=sys.stderr)
-    trio.run(serve, Gateway(config), address)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(serve, Gateway(config), bind or config.bind)
+            print(f"trio-gateway listening on {' '.join(urls)}", file=sys.stderr, flush=True)
+
+    trio.run(run)
     return 0
 
 
