@@ -24,13 +24,17 @@ from tests.helpers import (
     UPSTREAM_MODEL,
     AsgiCall,
     BodyStep,
+    FakeBody,
     FakeResponse,
     make_gateway,
     sse,
 )
 from trio_gateway._config import Timeouts
-from trio_gateway._pipeline import KEEPALIVE_COMMENT
-from trio_gateway._rewrite import GATEWAY_COMMENT
+from trio_gateway._kinds import Failure, FailureType
+from trio_gateway._pipeline import KEEPALIVE_COMMENT, stream_events
+from trio_gateway._policy_messages import MessagesPolicy
+from trio_gateway._rewrite import GATEWAY_COMMENT, StreamRewriter
+from trio_gateway._upstream import ExchangeControl
 from trio_gateway.sse import SSEDecoder
 
 DATA = Path(__file__).parent / "data"
@@ -534,3 +538,33 @@ async def test_streamed_transcription_of_a_free_model_loses_its_cost(
     )
     await call.run(gateway)
     assert orjson.loads(call.events[0].data or "")["usage"] == {"seconds": 3}
+
+
+class _Collected:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.ended = False
+
+    async def send(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    async def end(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.ended = True
+
+
+async def test_stream_stopped_before_its_first_read_ends_with_error(
+    autojump_clock: trio.testing.MockClock,
+):
+    upstream_body = FakeBody([stream_bytes("messages")])
+    response = httpx.Response(200, stream=upstream_body)
+    control = ExchangeControl()
+    control.stop(Failure(FailureType.SHUTDOWN, "the gateway is shutting down"))
+    client = _Collected()
+    rewriter = StreamRewriter(MessagesPolicy(PUBLIC_MODEL, free=True))
+    result = await stream_events(response, rewriter, client, Timeouts(), control)
+    assert result.failure == control.failure
+    assert client.ended
+    assert client.parts[-1].startswith(b"event: error\n")
+    assert upstream_body.chunks_yielded == 0
+    assert upstream_body.closed_at is not None

@@ -53,6 +53,8 @@ zero-buffer memory channel::
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,10 +65,10 @@ from trio_gateway._config import Timeouts
 from trio_gateway._kinds import Failure, FailureType
 from trio_gateway._rewrite import StreamRewriter
 from trio_gateway._upstream import (
+    HTTPX_ERRORS,
     ExchangeControl,
-    UpstreamError,
     close_response,
-    next_chunk,
+    failure_of,
     raw_chunks,
 )
 from trio_gateway.sse import SSEError
@@ -97,22 +99,6 @@ class StreamResult:
 _ChannelItem = bytes | Failure
 
 
-async def _hand_over(
-    to_writer: trio.MemorySendChannel[_ChannelItem], item: _ChannelItem, stall: float
-) -> bool:
-    """Give ``item`` to the writer; False if it would not take it within ``stall`` s.
-
-    A checkpoint. Cancellation leaves the item not handed over.
-    """
-    with trio.move_on_after(stall):
-        try:
-            await to_writer.send(item)
-        except trio.BrokenResourceError:  # the writer has already finished
-            return False
-        return True
-    return False
-
-
 async def _read_upstream(
     response: httpx.Response,
     to_writer: trio.MemorySendChannel[_ChannelItem],
@@ -122,29 +108,63 @@ async def _read_upstream(
 ) -> None:
     """Reader task: owns ``response`` and ``to_writer``; closes both on every way out.
 
-    A clean upstream end closes the channel; a failure is handed over first.
+    A clean upstream end closes the channel. On a failure the upstream is
+    closed first, then the failure is handed over.
     """
     try:
         with to_writer:
-            async with raw_chunks(response) as chunks:
-                while True:
-                    try:
-                        chunk = await next_chunk(chunks, timeouts.idle, control)
-                    except UpstreamError as exc:
-                        failure = exc.failure
-                        break
-                    if chunk is None:
-                        return
-                    if not await _hand_over(to_writer, chunk, timeouts.client_stall):
-                        if result.failure is None:
-                            result.failure = Failure(
-                                FailureType.CLIENT_STALL,
-                                f"client took nothing for {timeouts.client_stall:g} s",
-                            )
-                        return
-            await _hand_over(to_writer, failure, timeouts.client_stall)
+            failure = await _pump(response, to_writer, timeouts, control, result)
+            if failure is not None:
+                await close_response(response)
+                with trio.move_on_after(timeouts.client_stall):
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await to_writer.send(failure)
     finally:
         await close_response(response)
+
+
+async def _pump(
+    response: httpx.Response,
+    to_writer: trio.MemorySendChannel[_ChannelItem],
+    timeouts: Timeouts,
+    control: ExchangeControl,
+    result: StreamResult,
+) -> Failure | None:
+    """Read chunks and hand each over until the end; return the upstream's failure, if any.
+
+    A checkpoint. One cancel scope times both phases of each round, moving
+    its deadline (a new scope per chunk would cost more than the rest of the
+    round): ``idle`` while reading, ``client_stall`` while handing over. A
+    client that stalls is recorded in ``result`` and ends the pump quietly.
+    """
+    idle, stall = timeouts.idle, timeouts.client_stall
+    reading = True
+    async with raw_chunks(response) as chunks:
+        if (stopped := control.stopped()) is not None:  # before the first read
+            return stopped
+        with trio.CancelScope() as timer, control.guarded(timer):
+            while True:
+                reading = True
+                timer.deadline = trio.current_time() + idle
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return None
+                except HTTPX_ERRORS as exc:
+                    return failure_of(exc, "stream")
+                reading = False
+                timer.deadline = trio.current_time() + stall
+                try:
+                    await to_writer.send(chunk)
+                except trio.BrokenResourceError:  # the writer has already finished
+                    return None
+    # The timer fired, or the exchange was stopped.
+    if (stopped := control.stopped()) is not None:
+        return stopped
+    if reading:
+        return Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s")
+    result.failure = Failure(FailureType.CLIENT_STALL, f"client took nothing for {stall:g} s")
+    return None
 
 
 async def _write_client(
@@ -157,30 +177,36 @@ async def _write_client(
     """Writer: owns ``from_reader``; sends rewritten items and keepalives.
 
     Returns the ending to send once the upstream is closed: the clean tail,
-    or the error event if the stream failed.
+    or the error event if the stream failed. Like the reader, it keeps one
+    cancel scope for as long as no keepalive fires, moving its deadline.
     """
     with from_reader:
         while True:
-            with trio.move_on_after(keepalive) as quiet:
-                try:
-                    item = await from_reader.receive()
-                except trio.EndOfChannel:
-                    break
-            if quiet.cancelled_caught:
-                await body.send(KEEPALIVE_COMMENT)
-                continue
-            if isinstance(item, Failure):
-                result.failure = item
-                return rewriter.fail(item)
-            result.chunks += 1
-            try:
-                out = rewriter.feed(item)
-            except SSEError as exc:
-                result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
-                return rewriter.fail(result.failure)
-            if out:
-                await body.send(out)
-    if result.failure is not None:  # the reader gave up on this client
+            with trio.CancelScope() as quiet:
+                while True:
+                    quiet.deadline = trio.current_time() + keepalive
+                    try:
+                        item = await from_reader.receive()
+                    except trio.EndOfChannel:
+                        return _clean_ending(rewriter, result)
+                    quiet.deadline = math.inf  # never while sending
+                    if isinstance(item, Failure):
+                        result.failure = item
+                        return rewriter.fail(item)
+                    result.chunks += 1
+                    try:
+                        out = rewriter.feed(item)
+                    except SSEError as exc:
+                        result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
+                        return rewriter.fail(result.failure)
+                    if out:
+                        await body.send(out)
+            await body.send(KEEPALIVE_COMMENT)
+
+
+def _clean_ending(rewriter: StreamRewriter, result: StreamResult) -> bytes:
+    """The ending once the reader closed the channel without handing a failure over."""
+    if result.failure is not None:  # the reader gave up on a stalled client
         return rewriter.fail(result.failure)
     try:
         return rewriter.finish()

@@ -25,10 +25,12 @@ from trio_gateway._config import GatewayConfig, Timeouts, Upstream
 from trio_gateway._kinds import Failure, FailureType, Kind
 
 __all__ = [
+    "HTTPX_ERRORS",
     "ExchangeControl",
     "UpstreamError",
     "Upstreams",
     "close_response",
+    "failure_of",
     "next_chunk",
     "raw_chunks",
     "upstream_errors",
@@ -47,29 +49,31 @@ class UpstreamError(Exception):
         self.failure = failure
 
 
-@contextmanager
-def upstream_errors(phase: str) -> Iterator[None]:
-    """Translate httpx exceptions raised inside into :class:`UpstreamError`.
+HTTPX_ERRORS = (httpx.TransportError, httpx.StreamError)
+
+
+def failure_of(exc: httpx.TransportError | httpx.StreamError, phase: str) -> Failure:
+    """The client-safe :class:`Failure` for an httpx exception: the one translation table.
 
     ``phase`` ("request" before response headers, "stream" after) decides the
     words: a reset before headers means unreachable, after them a cut stream.
     """
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure(FailureType.UPSTREAM_TIMEOUT, f"upstream timed out ({phase})")
+    if isinstance(exc, httpx.ConnectError):
+        return Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream could not be reached")
+    if phase == "request":
+        return Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream closed the connection")
+    return Failure(FailureType.UPSTREAM_RESET, "upstream connection lost mid-response")
+
+
+@contextmanager
+def upstream_errors(phase: str) -> Iterator[None]:
+    """Raise :class:`UpstreamError` for any httpx exception raised inside (see failure_of)."""
     try:
         yield
-    except httpx.TimeoutException:
-        raise UpstreamError(
-            Failure(FailureType.UPSTREAM_TIMEOUT, f"upstream timed out ({phase})")
-        ) from None
-    except httpx.ConnectError:
-        raise UpstreamError(
-            Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream could not be reached")
-        ) from None
-    except (httpx.TransportError, httpx.StreamError):
-        if phase == "request":
-            failure = Failure(FailureType.UPSTREAM_UNREACHABLE, "upstream closed the connection")
-        else:
-            failure = Failure(FailureType.UPSTREAM_RESET, "upstream connection lost mid-response")
-        raise UpstreamError(failure) from None
+    except HTTPX_ERRORS as exc:
+        raise UpstreamError(failure_of(exc, phase)) from None
 
 
 class ExchangeControl:
@@ -106,6 +110,10 @@ class ExchangeControl:
             yield
         finally:
             self._scope = None
+
+    def stopped(self) -> Failure | None:
+        """The failure the exchange was stopped with, if it was. Not a checkpoint."""
+        return self.failure
 
     def check(self) -> None:
         """Raise UpstreamError if the exchange was stopped. Not a checkpoint."""
