@@ -568,3 +568,20 @@ async def test_stream_stopped_before_its_first_read_ends_with_error(
     assert client.parts[-1].startswith(b"event: error\n")
     assert upstream_body.chunks_yielded == 0
     assert upstream_body.closed_at is not None
+
+
+async def test_client_body_is_valid_utf8_whatever_the_upstream_sent(
+    autojump_clock: trio.testing.MockClock,
+):
+    delta = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}'
+    body = [
+        b"event: content_block_delta\nid: \xff1\ndata: " + delta + b"\n\n",
+        b"x-unknown: \xc3\n\n",
+        b"event: message_stop\ndata: {}\n\n",
+    ]
+    gateway, _ = make_gateway(FakeResponse(body=body))
+    call = await request_for("messages").run(gateway)
+    text = call.text.decode("utf-8")  # what both official SDKs do, strictly
+    assert "id: \ufffd1\n" in text
+    assert "x-unknown: \ufffd\n" in text
+    assert call.events[-1].event == "message_stop"

@@ -17,9 +17,10 @@ The rules every kind shares live here:
   client never sees a clean end followed by an error;
 * an event the policy leaves alone goes out byte for byte (``raw``); a
   changed one is re-serialised compactly, keeping its ``event:``, ``id:`` and
-  ``retry:`` lines. The output is always valid UTF-8: an event whose decoded
-  text holds U+FFFD (the codec's mark for invalid input) is re-encoded from
-  that text rather than forwarded raw;
+  ``retry:`` lines. The output is always valid UTF-8 (the body says
+  ``charset=utf-8`` and both official SDKs decode strictly): raw bytes that
+  are not valid UTF-8 go out with each invalid sequence replaced by U+FFFD,
+  as the codec decoded them, and with their line structure intact;
 * a final event that lacked its blank line is delivered, terminated.
 """
 
@@ -30,7 +31,7 @@ from typing import Any
 import orjson
 
 from trio_gateway._kinds import Failure
-from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent, encode_event
+from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
 __all__ = [
     "GATEWAY_COMMENT",
@@ -145,11 +146,15 @@ def _terminated(raw: bytes) -> bytes:
     return raw + b"\n\n"
 
 
-def _reencoded(item: SSEEvent) -> bytes:
-    """``item`` written afresh from its decoded fields (unknown fields are lost)."""
-    if item.data is None and item.event is None and item.id is None and item.retry is None:
-        return b""  # only unknown fields: nothing a client could use
-    return encode_event(data=item.data, event=item.event, id=item.id, retry=item.retry)
+def _valid_utf8(raw: bytes) -> bytes:
+    """``raw`` itself if it is valid UTF-8, else with U+FFFD for each invalid sequence."""
+    if raw.isascii():  # the common case, checked at C speed
+        return raw
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace").encode()
+    return raw
 
 
 class StreamRewriter:
@@ -198,12 +203,10 @@ class StreamRewriter:
                 rewritten = rewrite(item)
                 if rewritten is not None:
                     out = rewritten
-                elif "\ufffd" in (item.data or "") or "\ufffd" in (item.event or ""):
-                    out = _reencoded(item)  # raw bytes may be invalid UTF-8
                 elif final:
-                    out = _terminated(item.raw)
+                    out = _valid_utf8(_terminated(item.raw))
                 else:
-                    out = item.raw
+                    out = _valid_utf8(item.raw)
                 if self._held is None and item.event in self._terminal:
                     self._held = []
             if self._held is None:
