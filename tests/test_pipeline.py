@@ -585,3 +585,24 @@ async def test_client_body_is_valid_utf8_whatever_the_upstream_sent(
     assert "id: \ufffd1\n" in text
     assert "x-unknown: \ufffd\n" in text
     assert call.events[-1].event == "message_stop"
+
+
+async def test_upstream_failure_while_the_client_is_stalled_is_still_a_failure(
+    autojump_clock: trio.testing.MockClock,
+):
+    event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    body: list[BodyStep] = [event, 5.0, httpx.ReadError("reset")]
+    timeouts = Timeouts(client_stall=20, keepalive=0)
+    gateway, upstream = make_gateway(FakeResponse(body=body), timeouts=timeouts)
+    call = request_for("chat")
+    call.reading = trio.Event()  # the client takes nothing...
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(40)
+        closed_at = upstream.bodies[0].closed_at
+        call.reading.set()  # ...until long after the upstream failed
+    assert closed_at == pytest.approx(5)
+    assert call.ended
+    # The failure was never handed over (the writer was stuck), yet the stream
+    # must not end as if it were complete.
+    assert "error" in orjson.loads(call.events[-1].data or "")

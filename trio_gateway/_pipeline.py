@@ -45,9 +45,10 @@ zero-buffer memory channel::
      the client reads again the writer ends the stream with the error event;
      if it leaves, the send fails and nothing more is sent (see
      docs/cancellation.md).
-   * Idle timeout and shutdown cancel only the current upstream read
-     (:class:`~trio_gateway._upstream.ExchangeControl`), so the reader can
-     still hand the failure over.
+   * Idle timeout and shutdown cancel the reader's one timer scope (in a
+     read or a hand-over; shutdown through
+     :class:`~trio_gateway._upstream.ExchangeControl`), never the reader
+     itself, so it can still close the upstream and hand the failure over.
    * A rewrite error in the writer cancels the reader with a reason.
 """
 
@@ -115,6 +116,9 @@ async def _read_upstream(
         with to_writer:
             failure = await _pump(response, to_writer, timeouts, control, result)
             if failure is not None:
+                # Recorded before the hand-over: a writer stuck on a stalled client
+                # may never take it, and must still not end the stream cleanly.
+                result.failure = failure
                 await close_response(response)
                 with trio.move_on_after(timeouts.client_stall):
                     with contextlib.suppress(trio.BrokenResourceError):

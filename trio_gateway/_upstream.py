@@ -1,8 +1,9 @@
 """The upstream boundary: httpx clients, request building, and error translation.
 
 All upstream I/O goes through httpx, and every httpx exception is translated
-to a :class:`~trio_gateway._kinds.Failure` in one place,
-:func:`upstream_errors`. Messages are the gateway's own: httpx's text can
+to a :class:`~trio_gateway._kinds.Failure` by one table, :func:`failure_of`
+(used through :func:`upstream_errors`, or directly on the stream's hot
+path). Messages are the gateway's own: httpx's text can
 name the upstream host, and what the client reads must not.
 
 Upstream requests are built afresh: the upstream's credentials from config,
@@ -81,10 +82,11 @@ class ExchangeControl:
 
     Each wait on upstream (for response headers, for the next chunk) runs in
     a scope registered with :meth:`guarded`; :meth:`stop` cancels that scope
-    (or the next one) and the wait raises :class:`UpstreamError` with the
-    failure. Only the wait is cancelled, never the task, so the task can
-    still answer the client: a JSON error before headers, the kind's error
-    event after them. Graceful shutdown uses this.
+    (or makes the next :meth:`guarded` raise). The waiter then learns the
+    failure from :meth:`stopped` or :meth:`check`. Only the wait is
+    cancelled, never the task, so the task can still answer the client: a
+    JSON error before headers, the kind's error event after them. Graceful
+    shutdown uses this.
     """
 
     __slots__ = ("_scope", "failure")
