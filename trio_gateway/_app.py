@@ -27,8 +27,9 @@ event rather than a cut connection.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -36,12 +37,14 @@ import orjson
 import trio
 
 from trio_gateway._config import GatewayConfig, ModelRoute
+from trio_gateway._extract import Extracted
 from trio_gateway._kinds import Failure, FailureType, Kind, error_body
 from trio_gateway._multipart import MultipartError, replace_form_field
-from trio_gateway._pipeline import stream_events
+from trio_gateway._pipeline import StreamObserver, stream_events
 from trio_gateway._policy_chat import ChatPolicy
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
+from trio_gateway._record import RecordSink, RequestRecord
 from trio_gateway._rewrite import PassThroughPolicy, Policy, StreamRewriter, rewrite_json_body
 from trio_gateway._upstream import (
     ExchangeControl,
@@ -69,6 +72,7 @@ _POLICIES: dict[Kind, type[Policy]] = {
 # identity, content-length of a body we rewrite) stays behind.
 _PASSED_RESPONSE_HEADERS = ("retry-after",)
 _CLOSE_GRACE = 2.0  # seconds given to closing pooled upstream connections
+_ACCOUNTING_GRACE = 5.0  # seconds the accounting step of one request may take
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache, no-transform"),
@@ -97,10 +101,17 @@ class Gateway:
     """The ASGI app. ``transport`` replaces the upstream network in tests."""
 
     def __init__(
-        self, config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: GatewayConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sinks: Sequence[RecordSink] = (),
+        observer: StreamObserver | None = None,
     ) -> None:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
+        self.sinks = list(sinks)
+        self.observer = observer
         self._closed = False
         self._open_exchanges: set[ExchangeControl] = set()
         self._exchanges_changed = trio.Event()
@@ -211,7 +222,7 @@ class Gateway:
     async def _proxy(
         self, kind: Kind, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
-        self._authenticate(scope)
+        key_name = self._authenticate(scope)
         body = await _read_body(receive, self.config.max_body_bytes)
         content_type = _header(scope, b"content-type") or ""
         stream = False
@@ -229,10 +240,39 @@ class Gateway:
             stream=stream,
             client_headers=scope["headers"],
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
-            await self._exchange(kind, route, request, send, request_id)
-            nursery.cancel_scope.cancel(reason="response finished")
+        record = RequestRecord(
+            request_id=request_id,
+            kind=kind.label,
+            key_name=key_name,
+            public_model=route.public_name,
+            upstream=route.upstream,
+            upstream_model=route.upstream_model,
+            streamed=stream,
+            started_at=trio.current_time(),
+            started_wall=time.time(),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, record)
+                await self._exchange(kind, route, request, send, record)
+                nursery.cancel_scope.cancel(reason="response finished")
+        finally:
+            await self._account(record)
+
+    async def _account(self, record: RequestRecord) -> None:
+        """Finish ``record`` and hand it to every sink; runs even when cancelled.
+
+        A checkpoint, shielded and bounded: each sink bounds its own wait, and
+        the whole step gives up after ``_ACCOUNTING_GRACE`` seconds. It runs
+        after the response has ended, so the client never waits on it.
+        """
+        record.ended_at = trio.current_time()
+        if record.cancelled:
+            record.error_type = FailureType.CLIENT_DISCONNECT.value
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _ACCOUNTING_GRACE
+            for sink in self.sinks:
+                await sink.submit(record)
 
     def _prepare_json(
         self, kind: Kind, body: bytes, content_type: str
@@ -267,7 +307,12 @@ class Gateway:
         return route, body
 
     async def _exchange(
-        self, kind: Kind, route: ModelRoute, request: httpx.Request, send: Send, request_id: str
+        self,
+        kind: Kind,
+        route: ModelRoute,
+        request: httpx.Request,
+        send: Send,
+        record: RequestRecord,
     ) -> None:
         """Send upstream and answer the client; a checkpoint, cancelled on disconnect.
 
@@ -283,15 +328,16 @@ class Gateway:
             try:
                 response = await self.upstreams.open(upstream, request, control)
             except UpstreamError as exc:
-                await _send_failure(send, kind, exc.failure, request_id)
+                await _send_failure(send, kind, exc.failure, record)
                 return
+            record.headers_at = trio.current_time()
             content_type = response.headers.get("content-type", "").lower()
             if response.is_success and content_type.startswith("text/event-stream"):
                 # stream_events owns the response from here and closes it.
-                await self._stream(kind, route, response, send, request_id, control)
+                await self._stream(kind, route, response, send, record, control)
             else:
                 try:
-                    await self._whole(kind, route, response, send, request_id, control)
+                    await self._whole(kind, route, response, send, record, control)
                 finally:
                     await close_response(response)
         finally:
@@ -304,18 +350,26 @@ class Gateway:
         route: ModelRoute,
         response: httpx.Response,
         send: Send,
-        request_id: str,
+        record: RequestRecord,
         control: ExchangeControl,
     ) -> None:
         policy = _POLICIES.get(kind, PassThroughPolicy)(route.public_name, free=route.free)
         rewriter = StreamRewriter(policy, max_event_bytes=self.config.max_event_bytes)
-        headers = [*_STREAM_HEADERS, (b"x-request-id", request_id.encode())]
+        headers = [*_STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
+        record.status = 200
+        body = _AsgiBody(send)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-        except BaseException:
-            await close_response(response)
-            raise
-        await stream_events(response, rewriter, _AsgiBody(send), self.config.timeouts, control)
+            result = await stream_events(
+                response, rewriter, body, self.config.timeouts, control, self.observer
+            )
+        finally:
+            await close_response(response)  # if stream_events never started
+            record.bytes_to_client = body.bytes_sent
+            _note_extracted(record, policy.extracted)
+        record.first_token_at = result.first_content_at
+        if result.failure is not None:
+            record.error_type = result.failure.type.value
 
     async def _whole(
         self,
@@ -323,15 +377,16 @@ class Gateway:
         route: ModelRoute,
         response: httpx.Response,
         send: Send,
-        request_id: str,
+        record: RequestRecord,
         control: ExchangeControl,
     ) -> None:
+        request_id = record.request_id
         try:
             body = await _read_upstream_body(
                 response, self.config.max_upstream_body_bytes, self.config.timeouts.idle, control
             )
         except UpstreamError as exc:
-            await _send_failure(send, kind, exc.failure, request_id)
+            await _send_failure(send, kind, exc.failure, record)
             return
         status = response.status_code
         if status in (401, 403, 407):
@@ -339,9 +394,18 @@ class Gateway:
             # do nothing about it, and the upstream's words may quote the key.
             message = "the upstream refused the gateway's credentials"
             body = error_body(kind, 502, message, "upstream_auth")
+            record.status = 502
+            record.error_type = FailureType.UPSTREAM_STATUS.value
             await _send_json(send, 502, body, request_id)
             return
-        body = rewrite_json_body(body, route.public_name, free=route.free)
+        extracted = Extracted()
+        body = rewrite_json_body(
+            body, route.public_name, free=route.free, kind=kind.label, extracted=extracted
+        )
+        _note_extracted(record, extracted)
+        record.status = status
+        if status >= 400:
+            record.error_type = FailureType.UPSTREAM_STATUS.value
         upstream_key = self.config.upstreams[route.upstream].api_key.encode()
         body = body.replace(upstream_key, b"[redacted]")
         headers = [
@@ -353,6 +417,7 @@ class Gateway:
             if name in response.headers
         )
         await _send_raw(send, status, body, request_id, headers)
+        record.bytes_to_client = len(body)
 
 
 class _AsgiBody:
@@ -418,16 +483,28 @@ async def _read_upstream_body(
     return b"".join(parts)
 
 
-async def _send_failure(send: Send, kind: Kind, failure: Failure, request_id: str) -> None:
+def _note_extracted(record: RequestRecord, extracted: Extracted) -> None:
+    record.usage = extracted.usage
+    record.upstream_id = extracted.upstream_id
+    record.finish_reason = extracted.finish_reason
+
+
+async def _send_failure(send: Send, kind: Kind, failure: Failure, record: RequestRecord) -> None:
+    record.status = failure.status
+    record.error_type = failure.type.value
     body = error_body(kind, failure.status, failure.message, failure.type.value)
-    await _send_json(send, failure.status, body, request_id)
+    await _send_json(send, failure.status, body, record.request_id)
+    record.bytes_to_client = len(body)
 
 
-async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+async def _watch_disconnect(
+    receive: Receive, scope: trio.CancelScope, record: RequestRecord
+) -> None:
     """Cancel ``scope`` when the client disconnects. A checkpoint; never returns otherwise."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            record.cancelled = True
             scope.cancel(reason="client disconnected")
             return
 

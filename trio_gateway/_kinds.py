@@ -27,6 +27,11 @@ class Kind(enum.Enum):
         return self.value
 
     @property
+    def label(self) -> str:
+        """The short name used in records, logs and metrics ("chat", "messages", ...)."""
+        return self.name.lower()
+
+    @property
     def anthropic_errors(self) -> bool:
         """Whether errors take Anthropic's shape rather than OpenAI's."""
         return self is Kind.MESSAGES

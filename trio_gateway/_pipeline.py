@@ -74,9 +74,23 @@ from trio_gateway._upstream import (
 )
 from trio_gateway.sse import SSEError
 
-__all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamResult", "stream_events"]
+__all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamObserver", "StreamResult", "stream_events"]
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
+
+
+class StreamObserver(Protocol):
+    """Who watches a stream go by (metrics). Both calls are cheap and not checkpoints."""
+
+    def keepalive_sent(self) -> None:
+        """A keepalive comment went to the client."""
+
+    def chunk_forwarded(self, latency: float) -> None:
+        """Rewritten bytes of one upstream chunk were handed to the server.
+
+        ``latency`` is the gateway's own added delay: seconds from the
+        chunk's arrival from upstream to that hand-off.
+        """
 
 
 class ClientBody(Protocol):
@@ -95,6 +109,8 @@ class StreamResult:
 
     failure: Failure | None = None
     chunks: int = 0
+    first_content_at: float | None = None  # first content token handed to the server
+    arrived_at: float = 0.0  # when the chunk now being handed over came from upstream
 
 
 _ChannelItem = bytes | Failure
@@ -156,6 +172,9 @@ async def _pump(
                     return None
                 except HTTPX_ERRORS as exc:
                     return failure_of(exc, "stream")
+                # Safe to share: the writer reads it after taking this chunk, and
+                # the next write comes only after the next read.
+                result.arrived_at = trio.current_time()
                 reading = False
                 timer.deadline = trio.current_time() + stall
                 try:
@@ -177,6 +196,7 @@ async def _write_client(
     body: ClientBody,
     keepalive: float,
     result: StreamResult,
+    observer: StreamObserver | None,
 ) -> bytes:
     """Writer: owns ``from_reader``; sends rewritten items and keepalives.
 
@@ -204,8 +224,14 @@ async def _write_client(
                         result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
                         return rewriter.fail(result.failure)
                     if out:
+                        if observer is not None:
+                            observer.chunk_forwarded(trio.current_time() - result.arrived_at)
                         await body.send(out)
+                        if result.first_content_at is None and rewriter.policy.content_started:
+                            result.first_content_at = trio.current_time()
             await body.send(KEEPALIVE_COMMENT)
+            if observer is not None:
+                observer.keepalive_sent()
 
 
 def _clean_ending(rewriter: StreamRewriter, result: StreamResult) -> bytes:
@@ -225,6 +251,7 @@ async def stream_events(
     body: ClientBody,
     timeouts: Timeouts,
     control: ExchangeControl,
+    observer: StreamObserver | None = None,
 ) -> StreamResult:
     """Stream ``response``'s events through ``rewriter`` to ``body``; say how it ended.
 
@@ -237,7 +264,9 @@ async def stream_events(
     send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
-        ending = await _write_client(receive_chan, rewriter, body, timeouts.keepalive, result)
+        ending = await _write_client(
+            receive_chan, rewriter, body, timeouts.keepalive, result, observer
+        )
         nursery.cancel_scope.cancel(reason="client writer finished")
     await body.end(ending)
     return result

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from trio_gateway._extract import from_chat
 from trio_gateway._kinds import Failure
 from trio_gateway._rewrite import Policy, parse_object, reencode, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
@@ -27,6 +28,9 @@ class ChatPolicy(Policy):
             return None
         if isinstance(chunk.get("id"), str):
             self.last_id = chunk["id"]
+        from_chat(chunk, self.extracted)
+        if not self.content_started:
+            self.content_started = _has_content(chunk)
         changed = set_model(chunk, "model", self.public_model)
         if "error" not in chunk:
             changed |= _fix_for_strict_clients(chunk)
@@ -53,6 +57,20 @@ class ChatPolicy(Policy):
         if self.last_id is not None:
             payload = {"id": self.last_id, **payload}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk carries generated content (text, refusal, reasoning or a tool call)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and any(
+            delta.get(name) for name in ("content", "refusal", "reasoning", "tool_calls")
+        ):
+            return True
+    return False
 
 
 def _fix_for_strict_clients(chunk: dict[str, Any]) -> bool:

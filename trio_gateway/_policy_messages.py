@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from trio_gateway._extract import from_messages
 from trio_gateway._kinds import Failure
 from trio_gateway._rewrite import Policy, parse_object, reencode, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
@@ -20,6 +21,8 @@ class MessagesPolicy(Policy):
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         name = event.event
         if name != "message_start" and name != "message_delta":
+            if name == "content_block_delta":
+                self.content_started = True
             return None
         payload = parse_object(event.data)
         if payload is None:
@@ -28,11 +31,13 @@ class MessagesPolicy(Policy):
         if name == "message_start":
             message = payload.get("message")
             if isinstance(message, dict):
+                from_messages(message, self.extracted)
                 changed = set_model(message, "model", self.public_model)
                 if self.free:
                     changed |= strip_cost(message.get("usage"))
-        elif self.free:
-            changed = strip_cost(payload.get("usage"))
+        else:
+            from_messages(payload, self.extracted)
+            changed = self.free and strip_cost(payload.get("usage"))
         return reencode(event, payload) if changed else None
 
     def error_event(self, failure: Failure) -> bytes:

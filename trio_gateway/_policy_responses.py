@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from trio_gateway._extract import from_responses
 from trio_gateway._kinds import Failure
 from trio_gateway._rewrite import Policy, parse_object, reencode, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
@@ -40,7 +41,10 @@ class ResponsesPolicy(Policy):
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         self._holding = self._holding or event.event in self.terminal_events
-        if event.event not in _RESPONSE_EVENTS:
+        name = event.event
+        if name not in _RESPONSE_EVENTS:
+            if not self.content_started and name is not None and name.endswith(".delta"):
+                self.content_started = True
             if not self._holding:
                 self._note_sequence(event.data)
             return None
@@ -53,6 +57,7 @@ class ResponsesPolicy(Policy):
         response = payload.get("response")
         if not isinstance(response, dict):
             return None
+        from_responses(response, self.extracted)
         changed = set_model(response, "model", self.public_model)
         if self.free:
             changed |= strip_cost(response.get("usage"))

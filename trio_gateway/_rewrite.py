@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from trio_gateway._extract import Extracted, from_embeddings, from_json_body
 from trio_gateway._kinds import Failure
 from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
@@ -104,6 +105,8 @@ class Policy:
     def __init__(self, public_model: str, *, free: bool) -> None:
         self.public_model = public_model
         self.free = free
+        self.extracted = Extracted()  # usage and ids, read before any stripping
+        self.content_started = False  # a content token has passed
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         raise NotImplementedError
@@ -127,6 +130,7 @@ class PassThroughPolicy(Policy):
         payload = parse_object(data)
         if payload is None:
             return None
+        from_embeddings(payload, self.extracted)
         changed = set_model(payload, "model", self.public_model)
         if self.free:
             changed |= strip_cost(payload.get("usage"))
@@ -168,6 +172,10 @@ class StreamRewriter:
         self._terminal = policy.terminal_events
         self._held: list[bytes] | None = None  # a list once a terminal event arrived
         self.saw_done = False
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
 
     @property
     def complete(self) -> bool:
@@ -216,11 +224,20 @@ class StreamRewriter:
         return b"".join(parts)
 
 
-def rewrite_json_body(body: bytes, public_model: str, *, free: bool) -> bytes:
+def rewrite_json_body(
+    body: bytes,
+    public_model: str,
+    *,
+    free: bool,
+    kind: str = "",
+    extracted: Extracted | None = None,
+) -> bytes:
     """A non-streamed answer with the public model name and, for free models, no cost.
 
     Every kind keeps ``model`` and ``usage`` at the top level of its JSON
-    body. A body that is not a JSON object is returned unchanged.
+    body. A body that is not a JSON object is returned unchanged. With
+    ``extracted``, the usage the body reports (``kind`` decides where to look)
+    is read into it first.
     """
     try:
         obj = orjson.loads(body)
@@ -228,6 +245,8 @@ def rewrite_json_body(body: bytes, public_model: str, *, free: bool) -> bytes:
         return body
     if not isinstance(obj, dict):
         return body
+    if extracted is not None:
+        from_json_body(kind, obj, extracted)
     changed = set_model(obj, "model", public_model)
     if free:
         changed |= strip_cost(obj.get("usage"))

@@ -1,0 +1,207 @@
+"""Usage records: exactly one per routed request, with the right figures however it ended.
+
+In memory on the mock clock, with a sink that collects what the gateway submits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from tests.helpers import (
+    PUBLIC_MODEL,
+    STALL,
+    UPSTREAM_MODEL,
+    AsgiCall,
+    FakeResponse,
+    FakeUpstream,
+    make_config,
+)
+from tests.test_pipeline import KINDS, request_for, stream_bytes
+from trio_gateway._app import Gateway
+from trio_gateway._config import Timeouts
+from trio_gateway._record import RequestRecord
+from trio_gateway.mock_upstream import Script, render_json, render_stream
+
+
+class ListSink:
+    def __init__(self, *, block: bool = False) -> None:
+        self.records: list[RequestRecord] = []
+        self.block = block
+
+    async def submit(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        if self.block:
+            await trio.sleep_forever()
+
+
+def gateway_with(respond: Any, sink: ListSink, **config: Any) -> tuple[Gateway, FakeUpstream]:
+    upstream = FakeUpstream(respond)
+    return Gateway(make_config(**config), transport=upstream, sinks=[sink]), upstream
+
+
+# (input, output, cached, reasoning, cost, upstream id, finish reason) of the example streams.
+EXAMPLE_FIGURES = {
+    "chat": (42, 300, 0, 0, 0.00123, "gen-1732430000-abcdef", "stop"),
+    "messages": (42, 5, 0, None, 0.00123, "msg_01XFDUDYJgAACzvnptvVoYEL", "end_turn"),
+    "responses": (
+        42,
+        5,
+        0,
+        0,
+        0.00123,
+        "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+        "completed",
+    ),
+}
+
+
+def figures(record: RequestRecord) -> tuple[Any, ...]:
+    usage = record.usage
+    return (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_tokens,
+        usage.reasoning_tokens,
+        usage.cost,
+        record.upstream_id,
+        record.finish_reason,
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_completed_stream_leaves_one_exact_record(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    sink = ListSink()
+    body = [2.0, stream_bytes(kind)]  # 2 s of thinking before the first event
+    gateway, _ = gateway_with(FakeResponse(body=body, headers_delay=1.0), sink)
+    call = await request_for(kind).run(gateway)
+    (record,) = sink.records
+    assert figures(record) == EXAMPLE_FIGURES[kind]
+    assert record.usage.cost == 0.00123, "cost is recorded before it is stripped"
+    assert b'"cost"' not in call.text
+    assert (record.kind, record.key_name, record.streamed, record.status) == (
+        kind,
+        "tests",
+        True,
+        200,
+    )
+    assert (record.public_model, record.upstream_model) == (PUBLIC_MODEL, UPSTREAM_MODEL)
+    assert record.time_to_headers == pytest.approx(1.0)
+    assert record.time_to_first_token == pytest.approx(3.0)
+    assert record.duration == pytest.approx(3.0)
+    assert record.bytes_to_client == len(call.text)
+    assert record.error_type is None
+    assert not record.cancelled
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stream_and_json_of_the_same_answer_record_the_same_usage(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    script = Script(tokens=17)
+    streamed, whole = ListSink(), ListSink()
+    gateway, _ = gateway_with(FakeResponse(body=render_stream(kind, script, "m")), streamed)
+    await request_for(kind).run(gateway)
+    answer = FakeResponse(body=[render_json(kind, script, "m")], content_type="application/json")
+    gateway, _ = gateway_with(answer, whole)
+    path = KINDS[kind][0]
+    payload = {"model": PUBLIC_MODEL, "input": "hi", "messages": []}
+    await AsgiCall.json(payload, path=path).run(gateway)
+    (stream_record,) = streamed.records
+    (json_record,) = whole.records
+    assert stream_record.usage == json_record.usage
+    assert stream_record.usage.output_tokens == 17
+    assert stream_record.usage.input_tokens == 42
+    assert stream_record.usage.cost is not None
+    assert (stream_record.streamed, json_record.streamed) == (True, False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_client_disconnect_mid_stream_is_recorded(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    sink = ListSink()
+    events = stream_bytes(kind).split(b"\n\n")
+    body: list[Any] = [events[0] + b"\n\n", events[1] + b"\n\n", STALL]
+    gateway, _ = gateway_with(FakeResponse(body=body), sink)
+    call = request_for(kind)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(4)
+        call.disconnect()
+    (record,) = sink.records
+    assert record.cancelled
+    assert record.error_type == "client_disconnect"
+    assert record.duration == pytest.approx(4)
+
+
+@pytest.mark.parametrize(
+    ("respond", "timeouts", "error_type", "status"),
+    [
+        (
+            FakeResponse(body=[b"data: {}\n\n", httpx.ReadError("reset")]),
+            None,
+            "upstream_reset",
+            200,
+        ),
+        (FakeResponse(body=[b"data: {}\n\n", STALL]), Timeouts(idle=9), "idle_timeout", 200),
+        (FakeResponse(headers_delay=1e6), Timeouts(first_byte=7), "upstream_timeout", 504),
+        (FakeResponse(error=httpx.ConnectError("no")), None, "upstream_unreachable", 502),
+        (
+            FakeResponse(body=[b'{"error": {}}'], status=429, content_type="application/json"),
+            None,
+            "upstream_status",
+            429,
+        ),
+    ],
+    ids=["reset", "idle", "first-byte", "unreachable", "status"],
+)
+async def test_failures_are_recorded_with_their_type(
+    respond: FakeResponse,
+    timeouts: Timeouts | None,
+    error_type: str,
+    status: int,
+    autojump_clock: trio.testing.MockClock,
+):
+    sink = ListSink()
+    gateway, _ = gateway_with(respond, sink, timeouts=timeouts or Timeouts())
+    await request_for("chat").run(gateway)
+    (record,) = sink.records
+    assert record.error_type == error_type
+    assert record.status == status
+    assert not record.cancelled
+
+
+async def test_requests_refused_before_routing_leave_no_record(
+    autojump_clock: trio.testing.MockClock,
+):
+    sink = ListSink()
+    gateway, upstream = gateway_with(FakeResponse(), sink)
+    await AsgiCall.json({"model": "nope"}).run(gateway)
+    await AsgiCall(body=b"{}", headers=[(b"content-type", b"application/json")]).run(gateway)
+    assert sink.records == []
+    assert upstream.requests == []
+
+
+async def test_a_sink_that_hangs_never_delays_the_client_and_is_bounded(
+    autojump_clock: trio.testing.MockClock,
+):
+    sink = ListSink(block=True)
+    gateway, _ = gateway_with(FakeResponse(body=[stream_bytes("chat")]), sink)
+    call = request_for("chat")
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(0.001)
+        # The whole answer is out before accounting even starts waiting.
+        assert call.ended
+        assert call.events[-1].data == "[DONE]"
+    # ...and the request task gives up on the sink after the accounting grace.
+    assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
+    assert len(sink.records) == 1
