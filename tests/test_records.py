@@ -17,6 +17,7 @@ from tests.helpers import (
     STALL,
     UPSTREAM_MODEL,
     AsgiCall,
+    BodyStep,
     FakeResponse,
     FakeUpstream,
     make_config,
@@ -25,7 +26,7 @@ from tests.test_pipeline import KINDS, request_for, stream_bytes
 from trio_gateway._app import Gateway
 from trio_gateway._config import Timeouts
 from trio_gateway._record import RequestRecord
-from trio_gateway.mock_upstream import Script, render_json, render_stream
+from trio_gateway.mock_upstream import Script, StreamKind, render_json, render_stream
 
 
 class ListSink:
@@ -78,7 +79,7 @@ async def test_completed_stream_leaves_one_exact_record(
     kind: str, autojump_clock: trio.testing.MockClock
 ):
     sink = ListSink()
-    body = [2.0, stream_bytes(kind)]  # 2 s of thinking before the first event
+    body: list[BodyStep] = [2.0, stream_bytes(kind)]  # 2 s of thinking first
     gateway, _ = gateway_with(FakeResponse(body=body, headers_delay=1.0), sink)
     call = await request_for(kind).run(gateway)
     (record,) = sink.records
@@ -102,7 +103,7 @@ async def test_completed_stream_leaves_one_exact_record(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_stream_and_json_of_the_same_answer_record_the_same_usage(
-    kind: str, autojump_clock: trio.testing.MockClock
+    kind: StreamKind, autojump_clock: trio.testing.MockClock
 ):
     script = Script(tokens=17)
     streamed, whole = ListSink(), ListSink()
