@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import subprocess
 import sys
 
@@ -49,3 +50,28 @@ def test_demo_refuses_a_bad_bind():
     )
     assert result.returncode == 2
     assert "server.bind" in result.stderr
+
+
+def test_demo_serves_until_sigterm_then_exits_cleanly():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_gateway", "demo", "--bind", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:  # the sample stream, then the snippets
+            lines.append(line)
+            if "from anthropic import Anthropic" in line:
+                break
+        assert any(f"model as the client saw it: {DEMO_MODEL}" in line for line in lines)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

@@ -3,7 +3,9 @@
 Theory of operation: one nursery holds the mock upstream, the gateway's
 server, and the demo itself. The demo streams one chat answer through the
 gateway, printing tokens as they arrive, then prints snippets to paste. With
-``once`` it then cancels the nursery; otherwise it serves until Ctrl-C.
+``once`` it then cancels the nursery; otherwise it serves until Ctrl-C or
+SIGTERM stops the gateway's server, which then cancels the nursery, and with
+it the mock upstream.
 """
 
 from __future__ import annotations
@@ -104,7 +106,13 @@ async def run_demo(bind: str, once: bool, out: TextIO | None = None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(mock.serve)
         gateway = Gateway(demo_config(mock.base_url, bind))
-        urls: list[str] = await nursery.start(serve, gateway, bind)
+
+        async def serve_until_signalled(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(gateway, bind, task_status=task_status)
+            # Ctrl-C or SIGTERM stopped the gateway: stop the mock upstream too.
+            nursery.cancel_scope.cancel(reason="gateway stopped")
+
+        urls: list[str] = await nursery.start(serve_until_signalled)
         url = urls[0]
         print(f"trio-gateway demo: gateway on {url}, mock upstream on {mock.base_url}", file=out)
         print(f"client key: {DEMO_KEY}\n", file=out)
