@@ -412,8 +412,9 @@ def test_parse_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatc
 def test_load_config_reads_a_file(tmp_path: Path):
     path = tmp_path / "gateway.toml"
     path.write_text(EXAMPLE_TOML, encoding="utf-8")
-    assert load_config(path, ENV) == parse_config(example(), ENV)
+    assert load_config(path, ENV) == parse_config(example(), ENV, base_dir=tmp_path)
     assert load_config(str(path), ENV).bind == "0.0.0.0:8080"
+    assert load_config(path, ENV).database == str(tmp_path / "usage.db")
 
 
 def test_load_config_not_toml(tmp_path: Path):
@@ -460,3 +461,21 @@ def test_timeouts_built_in_code_treat_zero_as_off_for_optional_ones_only():
         Timeouts(connect=0)
     with pytest.raises(ConfigError, match=r"timeouts\.idle"):
         Timeouts(idle=-1)
+
+
+def test_accounting_and_log_paths_are_taken_beside_the_config(tmp_path: Path):
+    data = example()
+    data["accounting"] = {"database": "data/usage.db"}
+    data["log"] = {"level": "WARNING", "destination": "requests.log"}
+    config = parse_config(data, ENV, base_dir=tmp_path)
+    assert config.database == str(tmp_path / "data" / "usage.db")
+    assert config.log_level == "warning"
+    assert config.log_destination == str(tmp_path / "requests.log")
+    memory = parse_config({**example(), "accounting": {"database": ":memory:"}}, ENV)
+    assert memory.database == ":memory:"
+    assert memory.log_destination == "-"
+
+
+def test_bad_log_level_is_named():
+    data = {**example(), "log": {"level": "loud"}}
+    assert error_of(data).startswith("log.level: expected one of")

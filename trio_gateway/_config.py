@@ -99,6 +99,9 @@ class GatewayConfig:
     max_upstream_body_bytes: int = 64 * 1024 * 1024  # a non-streamed upstream answer
     max_event_bytes: int = 16 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=Timeouts)
+    database: str | None = None  # the usage database; None: no request log
+    log_level: str = "info"  # the per-request JSON log line's level
+    log_destination: str = "-"  # "-" for stderr, or a file path
 
     def __post_init__(self) -> None:
         for route in self.models.values():
@@ -217,8 +220,20 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Validate parsed TOML; read upstream keys from ``env`` (default: os.environ)."""
+_LOG_LEVELS = ("debug", "info", "warning", "error", "off")
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> GatewayConfig:
+    """Validate parsed TOML; read upstream keys from ``env`` (default: os.environ).
+
+    Relative paths (the usage database, a log file) are taken from
+    ``base_dir``, the config file's folder, or the working directory.
+    """
     env = os.environ if env is None else env
     root = _Table(dict(data), "")
 
@@ -297,6 +312,22 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         k.check_unknown()
         keys.append(KeyEntry(name, digest))
 
+    base = base_dir or Path()
+    accounting = root.table("accounting")
+    database = accounting.text("database", "usage.db")
+    if database != ":memory:":
+        database = str(base / database)
+    accounting.check_unknown()
+
+    log = root.table("log")
+    log_level = log.text("level", "info").lower()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log.level: expected one of {', '.join(_LOG_LEVELS)}")
+    log_destination = log.text("destination", "-")
+    if log_destination != "-":
+        log_destination = str(base / log_destination)
+    log.check_unknown()
+
     auth_table = root.table("auth")
     allow_anonymous = auth_table.flag("allow_anonymous")
     auth_table.check_unknown()
@@ -312,6 +343,9 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         max_upstream_body_bytes=max_upstream_body,
         max_event_bytes=max_event,
         timeouts=timeouts,
+        database=database,
+        log_level=log_level,
+        log_destination=log_destination,
     )
 
 
@@ -324,4 +358,4 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, env)
+    return parse_config(data, env, base_dir=Path(path).resolve().parent)
