@@ -39,12 +39,14 @@ import trio
 from trio_gateway._config import GatewayConfig, ModelRoute
 from trio_gateway._extract import Extracted
 from trio_gateway._kinds import Failure, FailureType, Kind, error_body
+from trio_gateway._metrics import GatewayMetrics
 from trio_gateway._multipart import MultipartError, replace_form_field
-from trio_gateway._pipeline import StreamObserver, stream_events
+from trio_gateway._pipeline import stream_events
 from trio_gateway._policy_chat import ChatPolicy
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
 from trio_gateway._record import RecordSink, RequestRecord
+from trio_gateway._request_log import RequestLogger
 from trio_gateway._rewrite import PassThroughPolicy, Policy, StreamRewriter, rewrite_json_body
 from trio_gateway._upstream import (
     ExchangeControl,
@@ -54,6 +56,7 @@ from trio_gateway._upstream import (
     next_chunk,
     raw_chunks,
 )
+from trio_gateway._usage_store import UsageStore
 
 __all__ = ["Gateway"]
 
@@ -106,12 +109,16 @@ class Gateway:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         sinks: Sequence[RecordSink] = (),
-        observer: StreamObserver | None = None,
+        store: UsageStore | None = None,
+        request_log: RequestLogger | None = None,
     ) -> None:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
-        self.sinks = list(sinks)
-        self.observer = observer
+        self.metrics = GatewayMetrics(models=config.models)
+        self.store = store
+        self.request_log = request_log
+        self.sinks = [*sinks, *([store] if store is not None else [])]
+        self.metrics.watch_store(store)
         self._closed = False
         self._open_exchanges: set[ExchangeControl] = set()
         self._exchanges_changed = trio.Event()
@@ -143,7 +150,7 @@ class Gateway:
                 return
 
     async def aclose(self) -> None:
-        """Close pooled upstream connections. A checkpoint; safe to call twice.
+        """Close pooled upstream connections and the request log. A checkpoint; safe twice.
 
         Shielded and bounded, like every close: it runs even while the
         server is being cancelled.
@@ -154,6 +161,8 @@ class Gateway:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + _CLOSE_GRACE
             await self.upstreams.aclose()
+            if self.request_log is not None:
+                await self.request_log.aclose()
 
     async def drain(self, grace: float) -> None:
         """Let open exchanges finish for ``grace`` seconds, then stop the rest.
@@ -178,6 +187,12 @@ class Gateway:
             if path == "/healthz":
                 _require_method(scope, "GET")
                 await _send_json(send, 200, b'{"status":"ok"}', request_id)
+            elif path == "/metrics":
+                _require_method(scope, "GET")
+                body, content_type = self.metrics.render()
+                await _send_raw(
+                    send, 200, body, request_id, [(b"content-type", content_type.encode())]
+                )
             elif path == "/v1/models":
                 _require_method(scope, "GET")
                 self._authenticate(scope)
@@ -269,6 +284,9 @@ class Gateway:
         record.ended_at = trio.current_time()
         if record.cancelled:
             record.error_type = FailureType.CLIENT_DISCONNECT.value
+        self.metrics.observe(record)
+        if self.request_log is not None:
+            self.request_log.log(record)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + _ACCOUNTING_GRACE
             for sink in self.sinks:
@@ -319,30 +337,43 @@ class Gateway:
         Registered with :meth:`drain` for its whole life, so a shutdown can
         stop it at any stage and the client still gets an answer.
         """
-        upstream = self.config.upstreams[route.upstream]
         control = ExchangeControl()
         if self._stopping is not None:
             control.stop(self._stopping)
         self._open_exchanges.add(control)
         try:
-            try:
-                response = await self.upstreams.open(upstream, request, control)
-            except UpstreamError as exc:
-                await _send_failure(send, kind, exc.failure, record)
-                return
-            record.headers_at = trio.current_time()
-            content_type = response.headers.get("content-type", "").lower()
-            if response.is_success and content_type.startswith("text/event-stream"):
-                # stream_events owns the response from here and closes it.
-                await self._stream(kind, route, response, send, record, control)
-            else:
-                try:
-                    await self._whole(kind, route, response, send, record, control)
-                finally:
-                    await close_response(response)
+            with self.metrics.open_exchange():
+                await self._exchange_upstream(kind, route, request, send, record, control)
         finally:
             self._open_exchanges.discard(control)
             self._exchanges_changed.set()
+
+    async def _exchange_upstream(
+        self,
+        kind: Kind,
+        route: ModelRoute,
+        request: httpx.Request,
+        send: Send,
+        record: RequestRecord,
+        control: ExchangeControl,
+    ) -> None:
+        """Open the upstream exchange and answer from it. A checkpoint."""
+        upstream = self.config.upstreams[route.upstream]
+        try:
+            response = await self.upstreams.open(upstream, request, control)
+        except UpstreamError as exc:
+            await _send_failure(send, kind, exc.failure, record)
+            return
+        record.headers_at = trio.current_time()
+        content_type = response.headers.get("content-type", "").lower()
+        if response.is_success and content_type.startswith("text/event-stream"):
+            # stream_events owns the response from here and closes it.
+            await self._stream(kind, route, response, send, record, control)
+        else:
+            try:
+                await self._whole(kind, route, response, send, record, control)
+            finally:
+                await close_response(response)
 
     async def _stream(
         self,
@@ -360,9 +391,10 @@ class Gateway:
         body = _AsgiBody(send)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            result = await stream_events(
-                response, rewriter, body, self.config.timeouts, control, self.observer
-            )
+            with self.metrics.active_stream():
+                result = await stream_events(
+                    response, rewriter, body, self.config.timeouts, control, self.metrics
+                )
         finally:
             await close_response(response)  # if stream_events never started
             record.bytes_to_client = body.bytes_sent

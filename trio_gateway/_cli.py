@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -35,28 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "hash-key", help="read a client key on stdin and print the sha256 for [[keys]]"
     )
+
+    from trio_gateway._usage_report import add_usage_arguments
+
+    usage = commands.add_parser(
+        "usage", help="print tokens, cost, errors and latency per key or model from the database"
+    )
+    add_usage_arguments(usage)
     return parser
 
 
 def _serve(config_path: str, bind: str | None) -> int:
     from trio_gateway._app import Gateway
+    from trio_gateway._request_log import RequestLogger
     from trio_gateway._server import serve
+    from trio_gateway._usage_store import SchemaError, UsageStore
 
     try:
         config = load_config(config_path)
         if bind is not None:
             split_bind(bind)
+        request_log = RequestLogger(config.log_destination, config.log_level)
     except ConfigError as exc:
-        print(f"trio-gateway: config error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(str(exc))
+    except (OSError, ValueError) as exc:
+        return _config_error(f"log.destination: cannot write {config.log_destination}: {exc}")
+    if config.log_destination == "logging":
+        logging.basicConfig(
+            level=config.log_level.upper() if config.log_level != "off" else "ERROR"
+        )
+    store = UsageStore(config.database) if config.database is not None else None
+    gateway = Gateway(config, store=store, request_log=request_log)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            urls = await nursery.start(serve, Gateway(config), bind or config.bind)
+            urls = await nursery.start(serve, gateway, bind or config.bind)
             print(f"trio-gateway listening on {' '.join(urls)}", file=sys.stderr, flush=True)
 
-    trio.run(run)
+    database_errors: list[BaseException] = []
+    try:
+        trio.run(run)
+    except* (SchemaError, sqlite3.Error) as group:
+        database_errors.extend(_leaves(group))
+    if database_errors:
+        request_log.close()
+        return _config_error(f"accounting.database: {database_errors[0]}")
     return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _config_error(message: str) -> int:
+    print(f"trio-gateway: config error: {message}", file=sys.stderr)
+    return 2
 
 
 def _hash_key() -> int:
@@ -87,5 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "hash-key":
         return _hash_key()
+    if args.command == "usage":
+        from trio_gateway._usage_report import main_usage
+
+        return main_usage(args)
     parser.print_help()
     return 0

@@ -101,7 +101,7 @@ class GatewayConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     database: str | None = None  # the usage database; None: no request log
     log_level: str = "info"  # the per-request JSON log line's level
-    log_destination: str = "-"  # "-" for stderr, or a file path
+    log_destination: str = "-"  # "-" for stderr, "logging" for the stdlib logger, or a path
 
     def __post_init__(self) -> None:
         for route in self.models.values():
@@ -324,7 +324,7 @@ def parse_config(
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"log.level: expected one of {', '.join(_LOG_LEVELS)}")
     log_destination = log.text("destination", "-")
-    if log_destination != "-":
+    if log_destination not in ("-", "logging"):
         log_destination = str(base / log_destination)
     log.check_unknown()
 

@@ -86,7 +86,13 @@ async def serve(
     """
     trigger = shutdown_trigger or _until_signalled
     try:
-        await _serve_until(gateway, bind, trigger, task_status)
+        async with trio.open_nursery() as services:
+            if gateway.store is not None:
+                # Started first and closed last: it outlives every request.
+                await services.start(gateway.store.run)
+            await _serve_until(gateway, bind, trigger, task_status)
+            if gateway.store is not None:
+                await gateway.store.aclose()  # drains every pending record (bounded)
     finally:
         await gateway.aclose()  # also when cancelled: pooled sockets must not leak
 

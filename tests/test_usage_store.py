@@ -1,0 +1,659 @@
+"""The request log: rows, schema, batching, shutdown, and a database slower than the traffic.
+
+Rules for this file, on top of ``conftest.py``:
+
+* Databases are real SQLite files under ``tmp_path`` (or ``:memory:``).
+* A slow database is a :class:`GatedStore`: its insert blocks on a
+  ``threading.Event`` that the test opens. A thread blocked on it looks
+  idle to Trio, so under ``autojump_clock`` time jumps to the next deadline
+  (``submit_timeout``, ``drain_timeout``) exactly as if the disk were slow.
+* Tests under ``autojump_clock`` set every deadline that is not under test to
+  ``math.inf``: real database work happens on a thread, and time would jump
+  past any deadline while it runs.
+* A test that lets the store abandon a job joins the database thread before
+  it ends, so no thread outlives its test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from trio_gateway._kinds import FailureType
+from trio_gateway._record import RequestRecord, Usage
+from trio_gateway._usage_store import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    Row,
+    SchemaError,
+    UsageStore,
+    record_from_row,
+    record_to_row,
+)
+
+WALL = 1_700_000_000.25  # exactly representable, like every time below
+
+
+def make_record(request_id: str, **fields: Any) -> RequestRecord:
+    base: dict[str, Any] = {
+        "request_id": request_id,
+        "kind": "chat",
+        "key_name": "alice",
+        "public_model": "gpt-fast",
+        "upstream": "openrouter",
+        "upstream_model": "openai/gpt-4o-mini",
+        "streamed": True,
+        "started_at": 100.0,
+        "started_wall": WALL,
+        "status": 200,
+        "ended_at": 101.0,
+    }
+    base.update(fields)
+    return RequestRecord(**base)
+
+
+# One record per way a request can end. Clock times are sums of powers of two,
+# so the durations the store computes are exact.
+SHAPES: dict[str, RequestRecord] = {
+    "completed": make_record(
+        "req-completed",
+        usage=Usage(
+            input_tokens=12,
+            output_tokens=34,
+            cached_tokens=5,
+            reasoning_tokens=7,
+            cost=0.000123,
+        ),
+        upstream_id="gen-123",
+        finish_reason="stop",
+        headers_at=100.25,
+        first_token_at=100.5,
+        ended_at=101.75,
+        bytes_to_client=2048,
+    ),
+    "cancelled_mid_stream": make_record(
+        "req-cancelled",
+        kind="messages",
+        key_name="bob",
+        public_model="claude-fast",
+        upstream="anthropic",
+        upstream_model="claude-3-5-haiku",
+        started_wall=WALL + 1,
+        usage=Usage(input_tokens=20, cached_tokens=0, cache_write_tokens=3),
+        upstream_id="msg_01",
+        headers_at=100.125,
+        first_token_at=100.375,
+        ended_at=102.5,
+        bytes_to_client=512,
+        cancelled=True,
+        error_type=FailureType.CLIENT_DISCONNECT,
+    ),
+    "upstream_reset": make_record(
+        "req-reset",
+        kind="responses",
+        headers_at=100.5,
+        first_token_at=101.0,
+        ended_at=103.0,
+        bytes_to_client=300,
+        error_type=FailureType.UPSTREAM_RESET,
+    ),
+    "upstream_timeout": make_record(
+        "req-timeout",
+        status=504,
+        ended_at=220.0,
+        bytes_to_client=120,
+        error_type=FailureType.UPSTREAM_TIMEOUT,
+    ),
+    "idle_timeout": make_record(
+        "req-idle",
+        headers_at=100.5,
+        first_token_at=100.75,
+        ended_at=400.75,
+        bytes_to_client=90,
+        usage=Usage(input_tokens=3),
+        error_type=FailureType.IDLE_TIMEOUT,
+    ),
+    "embeddings_no_cost": make_record(
+        "req-embed",
+        kind="embeddings",
+        streamed=False,
+        usage=Usage(input_tokens=8),
+        headers_at=100.0625,
+        ended_at=100.125,
+        bytes_to_client=4096,
+    ),
+    "never_ended": make_record("req-unended", status=None, ended_at=None),
+}
+
+
+def as_stored(record: RequestRecord) -> RequestRecord:
+    """The record as the database gives it back: clock times relative to a start of 0."""
+    return dataclasses.replace(
+        record,
+        started_at=0.0,
+        headers_at=record.time_to_headers,
+        first_token_at=record.time_to_first_token,
+        ended_at=record.duration,
+        error_type=None if record.error_type is None else str(record.error_type),
+    )
+
+
+class GatedStore(UsageStore):
+    """A store whose inserts wait for ``gate`` (a slow disk) or fail (a broken one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # an insert has started
+        self.batches: list[list[str]] = []  # request ids, per insert attempt
+        self.failures: list[Exception] = []  # raised by the next inserts, in order
+
+    def _write_batch(self, rows: Sequence[Row]) -> int:
+        self.batches.append([str(row[0]) for row in rows])
+        self.entered.set()
+        if not self.gate.wait(timeout=10):  # a real bound, only so a broken test cannot hang
+            raise RuntimeError("the test never opened the gate")
+        if self.failures:
+            raise self.failures.pop(0)
+        return super()._write_batch(rows)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY id").fetchall()
+    return [dict(row) for row in rows]
+
+
+def stored_ids(path: Path) -> list[str]:
+    return sorted(row["request_id"] for row in read_rows(path))
+
+
+def spill_ids(store: UsageStore) -> list[str]:
+    assert store.spill_path is not None
+    if not store.spill_path.exists():
+        return []
+    return [orjson.loads(line)["request_id"] for line in store.spill_path.read_bytes().splitlines()]
+
+
+def file_names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+async def join_thread(store: UsageStore) -> None:
+    assert store._thread is not None
+    await trio.to_thread.run_sync(store._thread.join)
+
+
+async def writing(store: UsageStore, nursery: trio.Nursery) -> None:
+    await nursery.start(store.run)
+
+
+# --- rows -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_row_round_trip(shape: str):
+    record = SHAPES[shape]
+    row = record_to_row(record)
+    assert len(row) == len(COLUMNS)
+    assert record_from_row(row) == as_stored(record)
+    assert record_from_row(dict(zip(COLUMNS, row, strict=True))) == as_stored(record)
+
+
+def test_row_columns_are_flat_and_durations():
+    row = dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
+    assert row == {
+        "request_id": "req-completed",
+        "kind": "chat",
+        "key_name": "alice",
+        "public_model": "gpt-fast",
+        "upstream": "openrouter",
+        "upstream_model": "openai/gpt-4o-mini",
+        "streamed": 1,
+        "started_wall": WALL,
+        "status": 200,
+        "input_tokens": 12,
+        "output_tokens": 34,
+        "cached_tokens": 5,
+        "cache_write_tokens": None,
+        "reasoning_tokens": 7,
+        "cost": 0.000123,
+        "upstream_id": "gen-123",
+        "finish_reason": "stop",
+        "time_to_headers": 0.25,
+        "time_to_first_token": 0.5,
+        "duration": 1.75,
+        "bytes_to_client": 2048,
+        "cancelled": 0,
+        "error_type": None,
+    }
+    reset = dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True))
+    assert type(reset["error_type"]) is str  # the StrEnum's plain value
+
+
+# --- the database -------------------------------------------------------------------
+
+
+async def test_every_shape_written_and_read_back_exactly(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        for record in SHAPES.values():
+            await store.submit(record)
+        await store.aclose()
+    assert store.written == len(SHAPES)
+    assert (store.spilled, store.dropped, store.write_errors) == (0, 0, 0)
+    rows = read_rows(path)
+    assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
+    assert rows[0] == dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
+    assert rows[0]["cost"] == 0.000123
+    assert rows[1]["error_type"] == "client_disconnect"
+    assert rows[1]["cancelled"] == 1
+
+
+async def test_wal_mode_schema_version_and_indexes(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        indexes = {
+            row[0]: row[1]
+            for row in conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            )
+        }
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]
+    assert sorted(indexes) == [
+        "requests_key_name",
+        "requests_public_model",
+        "requests_started_wall",
+    ]
+    assert columns == ["id", *COLUMNS]
+
+
+async def test_reopening_keeps_rows_and_version(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    for record in (SHAPES["completed"], SHAPES["upstream_reset"]):
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(record)
+            await store.aclose()
+    assert stored_ids(path) == ["req-completed", "req-reset"]
+
+
+async def test_newer_schema_is_refused(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store = UsageStore(path)
+    await store.submit(SHAPES["completed"])  # queued before run: must not be lost
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(SchemaError, match=r"schema version 2, newer than .* \(1\)"):
+            await nursery.start(store.run)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+    assert spill_ids(store) == ["req-completed"]
+    assert store.spilled == 1
+    await store.submit(SHAPES["upstream_reset"])  # the writer is gone: spilled too
+    assert spill_ids(store) == ["req-completed", "req-reset"]
+
+
+async def test_unversioned_requests_table_is_refused(tmp_path: Path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE requests (x)")
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(SchemaError, match="not a trio-gateway usage database"):
+            await nursery.start(store.run)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="queue_size and batch_size"):
+        UsageStore(":memory:", queue_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        UsageStore(":memory:", batch_size=0)
+    with pytest.raises(ValueError, match="submit_timeout"):
+        UsageStore(":memory:", submit_timeout=-1)
+    with pytest.raises(ValueError, match="drain_timeout"):
+        UsageStore(":memory:", drain_timeout=math.nan)
+
+
+# --- batching and flushing -------------------------------------------------------------
+
+
+async def test_writer_takes_what_is_queued_up_to_batch_size(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path, queue_size=16, batch_size=4)
+    ids = [f"req-{i:02}" for i in range(10)]
+    for request_id in ids:
+        await store.submit(make_record(request_id))
+    assert store.queued == 10
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.flush()
+        assert store.queued == 0
+        assert store.batches == [ids[0:4], ids[4:8], ids[8:10]]
+        await store.submit(make_record("req-late"))
+        await store.aclose()
+    assert store.batches[-1] == ["req-late"]
+    assert store.written == 11
+    assert stored_ids(path) == sorted([*ids, "req-late"])
+
+
+async def test_memory_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    store = UsageStore(":memory:")
+    assert store.spill_path is None
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        for record in SHAPES.values():
+            await store.submit(record)
+        await store.flush()
+        rows = await store.call_on_connection(
+            lambda conn: conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests").fetchall()
+        )
+        mode = await store.call_on_connection(
+            lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0]
+        )
+        await store.aclose()
+    assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
+    assert mode == "memory"  # WAL does not apply to a database in memory
+    assert file_names(tmp_path) == []
+    with pytest.raises(RuntimeError, match="not running"):
+        await store.call_on_connection(lambda conn: None)
+
+
+async def test_memory_database_counts_and_logs_what_it_cannot_spill(
+    caplog: pytest.LogCaptureFixture,
+):
+    store = UsageStore(":memory:")
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    with caplog.at_level(logging.ERROR, logger="trio_gateway.usage"):
+        await store.submit(SHAPES["completed"])
+    assert (store.spilled, store.dropped) == (0, 1)
+    [message] = [r.getMessage() for r in caplog.records if r.name == "trio_gateway.usage"]
+    assert "1 record(s) dropped (the usage store is closed)" in message
+    line = message.splitlines()[-1]
+    assert orjson.loads(line) == dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
+
+
+# --- shutdown ----------------------------------------------------------------------
+
+
+async def test_shutdown_writes_every_pending_record(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path, queue_size=1000, batch_size=64)
+    ids = [f"req-{i:04}" for i in range(600)]
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        for request_id in ids:
+            await store.submit(make_record(request_id))
+        assert store.queued > 0  # the writer has not caught up: aclose must drain
+        await store.aclose()
+    assert store.written == 600
+    assert (store.spilled, store.dropped, store.queued) == (0, 0, 0)
+    assert stored_ids(path) == ids
+
+
+async def test_close_before_run_spills_the_queue(tmp_path: Path):
+    store = UsageStore(tmp_path / "usage.db")
+    await store.submit(SHAPES["completed"])
+    await store.aclose()
+    assert spill_ids(store) == ["req-completed"]
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)  # returns at once
+    assert not (tmp_path / "usage.db").exists()
+    with pytest.raises(RuntimeError, match="only be called once"):
+        await store.run()
+
+
+async def test_submit_after_close_spills_and_next_start_imports(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.submit(SHAPES["completed"])
+        await store.aclose()
+    await store.submit(SHAPES["upstream_reset"])
+    await store.flush()  # closed: returns at once
+    assert (store.written, store.spilled) == (1, 1)
+    assert spill_ids(store) == ["req-reset"]
+
+    again = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(again, nursery)
+        assert (again.imported, again.duplicates, again.rejected) == (1, 0, 0)
+        await again.aclose()
+    assert again.spill_path is not None
+    assert not again.spill_path.exists()
+    assert stored_ids(path) == ["req-completed", "req-reset"]
+    [reset] = [row for row in read_rows(path) if row["request_id"] == "req-reset"]
+    assert record_from_row(reset) == as_stored(SHAPES["upstream_reset"])
+
+
+# --- cancellation -------------------------------------------------------------------
+
+
+async def test_submit_from_a_cancelled_task_still_queues(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path)
+    reached = False
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.submit(SHAPES["cancelled_mid_stream"])
+        reached = True
+        await trio.lowlevel.checkpoint()
+    assert reached
+    assert scope.cancelled_caught
+    assert store.queued == 1
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    assert stored_ids(path) == ["req-cancelled"]
+
+
+async def test_cancelled_writer_spills_batch_in_flight_and_queue(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path)
+    store.gate.clear()
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.submit(make_record("req-in-flight"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.queued == 0  # the writer took it and waits on the database
+        await store.submit(make_record("req-queued"))
+        nursery.cancel_scope.cancel()
+    assert spill_ids(store) == ["req-in-flight", "req-queued"]
+    assert (store.spilled, store.written) == (2, 0)
+    await store.submit(make_record("req-after"))
+    assert store.spilled == 3
+    store.gate.set()  # the abandoned insert now commits: the re-import must not double it
+    await join_thread(store)
+
+    again = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(again, nursery)
+        await again.aclose()
+    assert (again.imported, again.duplicates) == (2, 1)
+    assert stored_ids(path) == ["req-after", "req-in-flight", "req-queued"]
+
+
+# --- a database slower than the traffic --------------------------------------------------
+
+
+async def test_slow_database_never_holds_submit_past_its_bound(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path, queue_size=2, submit_timeout=1.0, drain_timeout=math.inf)
+    store.gate.clear()
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.submit(make_record("req-1"))
+        await trio.testing.wait_all_tasks_blocked()  # req-1 is in the slow insert
+        start = trio.current_time()
+        await store.submit(make_record("req-2"))
+        await store.submit(make_record("req-3"))
+        assert trio.current_time() == start  # room in the queue: no wait at all
+        assert store.queued == 2
+
+        await store.submit(make_record("req-4"))  # queue full
+        assert trio.current_time() - start == pytest.approx(1.0, abs=1e-9)
+        with trio.CancelScope() as scope:  # a request being cancelled: same bound
+            scope.cancel()
+            await store.submit(make_record("req-5"))
+        assert trio.current_time() - start == pytest.approx(2.0, abs=1e-9)
+        assert (store.queued, store.spilled, store.written) == (2, 2, 0)
+        assert spill_ids(store) == ["req-4", "req-5"]
+
+        store.gate.set()
+        await store.aclose()
+    await join_thread(store)
+    assert (store.written, store.spilled, store.dropped) == (3, 2, 0)
+    assert stored_ids(path) == ["req-1", "req-2", "req-3"]
+
+    again = UsageStore(path, drain_timeout=math.inf)
+    async with trio.open_nursery() as nursery:
+        await writing(again, nursery)
+        assert (again.imported, again.duplicates) == (2, 0)
+        await again.aclose()
+    await join_thread(again)
+    assert stored_ids(path) == ["req-1", "req-2", "req-3", "req-4", "req-5"]
+    assert again.spill_path is not None
+    assert not again.spill_path.exists()
+
+
+async def test_drain_is_bounded_and_what_is_left_is_spilled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path, batch_size=1, drain_timeout=5.0)
+    store.gate.clear()
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        for i in (1, 2, 3):
+            await store.submit(make_record(f"req-{i}"))
+        await trio.to_thread.run_sync(store.entered.wait)  # no deadline yet: time stands
+        assert store.batches == [["req-1"]]
+        start = trio.current_time()
+        await store.aclose()
+        assert trio.current_time() - start == pytest.approx(5.0, abs=1e-9)
+    assert (store.written, store.spilled, store.queued) == (0, 3, 0)
+    assert spill_ids(store) == ["req-1", "req-2", "req-3"]
+    store.gate.set()  # req-1's insert was only given up on: it commits now
+    await join_thread(store)
+    assert stored_ids(path) == ["req-1"]
+
+    again = UsageStore(path, drain_timeout=math.inf)
+    async with trio.open_nursery() as nursery:
+        await writing(again, nursery)
+        await again.aclose()
+    await join_thread(again)
+    assert (again.imported, again.duplicates) == (2, 1)
+    assert stored_ids(path) == ["req-1", "req-2", "req-3"]
+
+
+# --- write errors ---------------------------------------------------------------------
+
+
+async def test_write_error_is_counted_logged_spilled_and_writing_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path)
+    store.failures.append(sqlite3.OperationalError("disk I/O error"))
+    with caplog.at_level(logging.WARNING, logger="trio_gateway.usage"):
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(make_record("req-failed"))
+            await store.flush()
+            await store.submit(make_record("req-next"))
+            await store.aclose()
+    assert (store.write_errors, store.spilled, store.written) == (1, 1, 1)
+    assert stored_ids(path) == ["req-next"]
+    assert spill_ids(store) == ["req-failed"]
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert (
+        "ERROR",
+        "usage database: writing 1 record(s) failed: OperationalError('disk I/O error');"
+        " spilling them",
+    ) in messages
+    assert any(level == "WARNING" and "spilled to" in text for level, text in messages)
+
+
+async def test_batch_is_one_transaction_and_bad_rows_are_rejected_not_lost(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    store = UsageStore(path, queue_size=8)
+    bad = make_record("req-bad", key_name=None)  # NOT NULL: the database refuses it
+    for record in (make_record("req-a"), bad, make_record("req-b")):
+        await store.submit(record)  # queued before run: one batch
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    assert (store.write_errors, store.written, store.spilled) == (1, 0, 3)
+    assert stored_ids(path) == []  # the whole batch rolled back
+
+    again = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(again, nursery)
+        await again.aclose()
+    assert (again.imported, again.duplicates, again.rejected) == (2, 0, 1)
+    assert stored_ids(path) == ["req-a", "req-b"]
+    assert again.spill_path is not None
+    rejected = again.spill_path.with_name(again.spill_path.name + ".rejected")
+    [line] = rejected.read_bytes().splitlines()
+    assert orjson.loads(line)["request_id"] == "req-bad"
+
+
+async def test_unreadable_spill_lines_are_kept_aside(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    spill = tmp_path / "usage.db.spill.jsonl"
+    good = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
+    spill.write_bytes(b'{"request_id": "cut sho\n' + good + b"\n\n[1, 2]\n")
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    assert (store.imported, store.rejected) == (1, 2)
+    assert stored_ids(path) == ["req-completed"]
+    assert not spill.exists()
+    rejected = tmp_path / "usage.db.spill.jsonl.rejected"
+    assert rejected.read_bytes() == b'{"request_id": "cut sho\n[1, 2]\n'
+
+
+async def test_interrupted_import_is_finished_first(tmp_path: Path):
+    path = tmp_path / "usage.db"
+    line = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
+    other = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True)))
+    (tmp_path / "usage.db.spill.jsonl.importing").write_bytes(line + b"\n")
+    (tmp_path / "usage.db.spill.jsonl").write_bytes(other + b"\n")
+    store = UsageStore(path)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.aclose()
+    assert store.imported == 2
+    assert stored_ids(path) == ["req-completed", "req-reset"]
+    assert [name for name in file_names(tmp_path) if "spill" in name] == []

@@ -1,0 +1,264 @@
+"""The request log: one JSON line per finished request.
+
+Theory of operation
+===================
+
+1. **What a line holds.** :func:`format_record` is pure: it picks a fixed
+   list of fields from a :class:`~trio_gateway._record.RequestRecord` (an
+   allowlist, so a field added to the record later is not logged until
+   someone adds it here) and serialises them with orjson on one line. It
+   holds names, figures and ids, never prompt or completion text, never a
+   key: the record has no key, only the configured key *name*, and no
+   error message, only the failure type. Strings that come from the upstream
+   (its response id, the finish reason) are cut to
+   :data:`MAX_UPSTREAM_TEXT` characters, so a hostile upstream cannot make a
+   line huge.
+2. **Where it goes.** :class:`RequestLogger` takes a destination and a level:
+
+   * ``"logging"``: a record on the stdlib logger ``trio_gateway.requests``
+     at ``level``; the application's logging configuration decides whether
+     that level is shown and where. Nothing is written by this module.
+   * ``"-"``: standard error; any other string: a file path, opened for
+     appending when the logger is made (so a bad path fails at start-up),
+     and reopened if it is moved or deleted (log rotation).
+
+   For these two, the line is handed to a bounded in-memory queue and
+   written by a worker thread, so a slow disk or a full stderr pipe never
+   blocks the Trio thread, and with it every open stream. When the queue is
+   full the line is dropped and counted (:attr:`RequestLogger.dropped`):
+   the usage database, not this log, is the record of account.
+   ``level = "off"`` turns the request log off.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+import sys
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+import trio
+
+from trio_gateway._record import RequestRecord
+
+__all__ = [
+    "LEVELS",
+    "LOGGER_NAME",
+    "LOG_FIELDS",
+    "TO_LOGGING",
+    "TO_STDERR",
+    "RequestLogger",
+    "format_record",
+]
+
+LOGGER_NAME: Final = "trio_gateway.requests"
+TO_LOGGING: Final = "logging"
+TO_STDERR: Final = "-"
+LEVELS: Final[dict[str, int | None]] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": None,
+}
+MAX_UPSTREAM_TEXT: Final = 256
+DEFAULT_MAX_PENDING: Final = 10_000
+
+# Every key of a line, in order; format_record emits exactly these.
+LOG_FIELDS: Final = (
+    "time",  # when the request was routed: ISO 8601, UTC, milliseconds
+    "request_id",
+    "kind",
+    "key_name",
+    "public_model",
+    "upstream",
+    "upstream_model",
+    "streamed",
+    "status",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost",
+    "upstream_id",
+    "finish_reason",
+    "time_to_headers_ms",
+    "time_to_first_token_ms",
+    "duration_ms",
+    "bytes_to_client",
+    "cancelled",
+    "error_type",
+)
+
+
+def format_record(record: RequestRecord) -> str:
+    """One JSON object, on one line without a newline, with exactly :data:`LOG_FIELDS`.
+
+    Missing figures are ``null``; timings are milliseconds rounded to the
+    microsecond. Never raises for a record built from any upstream answer.
+    """
+    usage = record.usage
+    line: dict[str, Any] = {
+        "time": datetime.fromtimestamp(record.started_wall, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "request_id": record.request_id,
+        "kind": record.kind,
+        "key_name": record.key_name,
+        "public_model": record.public_model,
+        "upstream": record.upstream,
+        "upstream_model": record.upstream_model,
+        "streamed": record.streamed,
+        "status": record.status,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cost": usage.cost,
+        "upstream_id": _upstream_text(record.upstream_id),
+        "finish_reason": _upstream_text(record.finish_reason),
+        "time_to_headers_ms": _ms(record.time_to_headers),
+        "time_to_first_token_ms": _ms(record.time_to_first_token),
+        "duration_ms": _ms(record.duration),
+        "bytes_to_client": record.bytes_to_client,
+        "cancelled": record.cancelled,
+        "error_type": record.error_type,
+    }
+    return orjson.dumps(line).decode()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _upstream_text(value: str | None) -> str | None:
+    """Cut to MAX_UPSTREAM_TEXT, with anything orjson refuses (lone surrogates) replaced."""
+    if value is None:
+        return None
+    return value[:MAX_UPSTREAM_TEXT].encode("utf-8", "replace").decode("utf-8")
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the worker; counts, rather than reports, those a full queue refuses."""
+
+    def __init__(self, pending: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__(pending)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Worker(logging.handlers.QueueListener):
+    """Writes queued lines; its stop waits for room rather than failing on a full queue."""
+
+    def __init__(
+        self, pending: queue.Queue[logging.LogRecord | None], output: logging.Handler
+    ) -> None:
+        super().__init__(pending, output)
+        self._pending = pending
+
+    def enqueue_sentinel(self) -> None:
+        self._pending.put(None)  # None is QueueListener's sentinel
+
+
+class RequestLogger:
+    """Writes one line per finished request to ``destination`` at ``level``.
+
+    ``destination`` is ``"logging"``, ``"-"`` (stderr) or a file path;
+    ``level`` a key of :data:`LEVELS` (``"off"`` writes nothing). Raises
+    ValueError for an unknown level or a ``max_pending`` below 1, and
+    OSError for a file that cannot be opened. ``max_pending`` bounds the
+    lines waiting for the worker thread. Call :meth:`close` (or
+    :meth:`aclose`) once at shutdown to write what is pending.
+    """
+
+    def __init__(
+        self,
+        destination: str = TO_STDERR,
+        level: str = "info",
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"unknown log level {level!r} (known: {', '.join(LEVELS)})")
+        if max_pending < 1:  # queue.Queue would take 0 as "no bound"
+            raise ValueError(f"max_pending must be at least 1, got {max_pending!r}")
+        self.destination = destination
+        self._level = LEVELS[level]
+        self._queue_handler: _DroppingQueueHandler | None = None
+        self._worker: _Worker | None = None
+        self._output: logging.Handler | None = None
+        if self._level is None or destination == TO_LOGGING:
+            self._logger = logging.getLogger(LOGGER_NAME)
+            return
+        output: logging.Handler
+        if destination == TO_STDERR:
+            output = logging.StreamHandler(sys.stderr)
+        else:
+            output = logging.handlers.WatchedFileHandler(destination, encoding="utf-8")
+        output.setFormatter(logging.Formatter("%(message)s"))
+        pending: queue.Queue[logging.LogRecord | None] = queue.Queue(max_pending)
+        self._output = output
+        self._queue_handler = _DroppingQueueHandler(pending)
+        # A logger of this instance's own, outside the logging tree: two
+        # gateways in one process never write each other's lines.
+        self._logger = logging.Logger(LOGGER_NAME, self._level)
+        self._logger.addHandler(self._queue_handler)
+        self._worker = _Worker(pending, output)
+        self._worker.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the worker's queue was full."""
+        return 0 if self._queue_handler is None else self._queue_handler.dropped
+
+    def log(self, record: RequestRecord) -> None:
+        """Log ``record``'s line. Not a checkpoint; never blocks on the destination."""
+        level = self._level
+        if level is None or not self._logger.isEnabledFor(level):
+            return
+        self._logger.log(level, "%s", format_record(record))
+
+    def close(self) -> None:
+        """Write every pending line, stop the worker and close the file. Safe to call twice.
+
+        Blocks until the pending lines are written, for as long as the
+        destination takes; :meth:`aclose` does it from a Trio task, with a
+        bound the caller chooses.
+        """
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        if self._output is not None:
+            self._output.close()
+        self._level = None  # lines after close are not logged
+
+    async def aclose(self) -> None:
+        """:meth:`close` in a worker thread. A checkpoint.
+
+        Cancelling it (say, a shutdown deadline) returns at once and leaves
+        the close running in that thread; the line worker is a daemon
+        thread, so a stuck destination never holds the process.
+        """
+        await trio.to_thread.run_sync(self.close, abandon_on_cancel=True)
+
+    def __enter__(self) -> RequestLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
