@@ -159,6 +159,8 @@ class AsgiCall:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body_chunk_size: int | None = None  # deliver the request body in pieces
     send_delay: float = 0.0  # seconds each body send takes: a slow client
+    # Like hypercorn: report http.disconnect once the whole response went out.
+    disconnect_when_done: bool = False
     status: int | None = None
     response_headers: dict[bytes, bytes] = field(default_factory=dict)
     parts: list[bytes] = field(default_factory=list)
@@ -223,6 +225,8 @@ class AsgiCall:
             self.part_times.append(trio.current_time())
             if not message.get("more_body", False):
                 self.ended = True
+                if self.disconnect_when_done:
+                    self.disconnected.set()
 
         await app(self.scope, receive, send)
         return self

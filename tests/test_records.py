@@ -206,3 +206,15 @@ async def test_a_sink_that_hangs_never_delays_the_client_and_is_bounded(
     # ...and the request task gives up on the sink after the accounting grace.
     assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
     assert len(sink.records) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_disconnect_reported_after_a_complete_response_is_not_a_cancellation(
+    kind: str, autojump_clock: trio.testing.MockClock
+):
+    sink = ListSink()
+    gateway, _ = gateway_with(FakeResponse(body=[stream_bytes(kind)]), sink)
+    await request_for(kind, disconnect_when_done=True).run(gateway)
+    (record,) = sink.records
+    assert not record.cancelled
+    assert record.error_type is None

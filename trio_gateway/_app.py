@@ -266,10 +266,13 @@ class Gateway:
             started_at=trio.current_time(),
             started_wall=time.time(),
         )
+        response = _TrackedSend(send)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, record)
-                await self._exchange(kind, route, request, send, record)
+                nursery.start_soon(
+                    _watch_disconnect, receive, nursery.cancel_scope, record, response
+                )
+                await self._exchange(kind, route, request, response.send, record)
                 nursery.cancel_scope.cancel(reason="response finished")
         finally:
             await self._account(record)
@@ -529,15 +532,37 @@ async def _send_failure(send: Send, kind: Kind, failure: Failure, record: Reques
     record.bytes_to_client = len(body)
 
 
+class _TrackedSend:
+    """The ASGI ``send``, noting when the response has been sent whole."""
+
+    __slots__ = ("_send", "finished")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.finished = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            # Set first: hypercorn queues its http.disconnect inside this very
+            # send, and the watcher may see it before the send returns.
+            self.finished = True
+        await self._send(message)
+
+
 async def _watch_disconnect(
-    receive: Receive, scope: trio.CancelScope, record: RequestRecord
+    receive: Receive, scope: trio.CancelScope, record: RequestRecord, response: _TrackedSend
 ) -> None:
-    """Cancel ``scope`` when the client disconnects. A checkpoint; never returns otherwise."""
+    """Cancel ``scope`` when the client disconnects. A checkpoint; never returns otherwise.
+
+    Hypercorn also reports ``http.disconnect`` once a complete response has
+    gone out; that one is not a cancellation.
+    """
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            record.cancelled = True
-            scope.cancel(reason="client disconnected")
+            if not response.finished:
+                record.cancelled = True
+                scope.cancel(reason="client disconnected")
             return
 
 
