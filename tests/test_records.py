@@ -218,3 +218,36 @@ async def test_disconnect_reported_after_a_complete_response_is_not_a_cancellati
     (record,) = sink.records
     assert not record.cancelled
     assert record.error_type is None
+
+
+# Input tokens known once the first two events are through: only Messages reports
+# them that early (message_start); chat and Responses report usage at the end.
+EARLY_USAGE = {"chat": (None, None), "messages": (42, 1), "responses": (None, None)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("ending", "timeouts", "error_type"),
+    [
+        (httpx.RemoteProtocolError("cut"), Timeouts(), "upstream_reset"),
+        (STALL, Timeouts(idle=30), "idle_timeout"),
+    ],
+    ids=["reset", "idle-timeout"],
+)
+async def test_stream_failures_of_each_kind_keep_the_usage_seen_so_far(
+    kind: str,
+    ending: BodyStep,
+    timeouts: Timeouts,
+    error_type: str,
+    autojump_clock: trio.testing.MockClock,
+):
+    sink = ListSink()
+    first_two = b"".join(raw + b"\n\n" for raw in stream_bytes(kind).split(b"\n\n")[:2])
+    gateway, _ = gateway_with(FakeResponse(body=[first_two, ending]), sink, timeouts=timeouts)
+    await request_for(kind).run(gateway)
+    (record,) = sink.records
+    assert record.error_type == error_type
+    assert record.status == 200
+    # message_start reports the input and the output "so far" (1).
+    assert (record.usage.input_tokens, record.usage.output_tokens) == EARLY_USAGE[kind]
+    assert record.duration == pytest.approx(30 if error_type == "idle_timeout" else 0)
