@@ -142,3 +142,13 @@ destination = "requests.log"
     assert {json.loads(line)["kind"] for line in log_lines} == {"chat", "responses", "messages"}
     assert UPSTREAM_KEY not in (tmp_path / "requests.log").read_text()
     assert CLIENT_KEY not in (tmp_path / "requests.log").read_text()
+
+
+async def test_requests_refused_before_routing_are_counted(autojump_clock: trio.testing.MockClock):
+    gateway, _ = make_gateway(FakeResponse())
+    await AsgiCall.json({"model": "nope"}).run(gateway)  # 404
+    await AsgiCall(body=b"{}", headers=[(b"content-type", b"application/json")]).run(gateway)
+    found = samples((await AsgiCall(method="GET", path="/metrics").run(gateway)).text.decode())
+    chat = (("kind", "chat"), ("model", "none"))
+    assert found[("trio_gateway_requests_total", (*chat, ("status", "404")))] == 1
+    assert found[("trio_gateway_requests_total", (*chat, ("status", "401")))] == 1

@@ -203,6 +203,7 @@ class Gateway:
             else:
                 raise RequestError(404, f"no such endpoint: {path}", "not_found")
         except RequestError as exc:
+            self.metrics.refused(None if kind is None else kind.label, exc.status)
             extra = [(b"allow", exc.code.encode())] if exc.status == 405 and exc.code else []
             body = error_body(kind, exc.status, exc.message, None if extra else exc.code)
             await _send_json(send, exc.status, body, request_id, extra)

@@ -310,6 +310,15 @@ class GatewayMetrics:
 
     # -- finished records ------------------------------------------------------------
 
+    def refused(self, kind: str | None, status: int) -> None:
+        """Count a request answered before routing (bad key, unknown model, ...).
+
+        Such a request has no record; it is counted with the model label
+        ``"none"``, so a flood of refusals is visible.
+        """
+        kind_label = kind if kind in _KINDS else OTHER
+        self._requests.labels(kind_label, "none", _status_label(status)).inc()
+
     def observe(self, record: RequestRecord) -> None:
         """Count one finished record. Call it once per request, however it ended.
 
