@@ -5,6 +5,7 @@ In memory on the mock clock, with a sink that collects what the gateway submits.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
@@ -251,3 +252,63 @@ async def test_stream_failures_of_each_kind_keep_the_usage_seen_so_far(
     # message_start reports the input and the output "so far" (1).
     assert (record.usage.input_tokens, record.usage.output_tokens) == EARLY_USAGE[kind]
     assert record.duration == pytest.approx(30 if error_type == "idle_timeout" else 0)
+
+
+async def test_cancelled_stream_keeps_its_first_token_time_and_bytes(
+    autojump_clock: trio.testing.MockClock,
+):
+    sink = ListSink()
+    first_two = b"".join(raw + b"\n\n" for raw in stream_bytes("messages").split(b"\n\n")[:5])
+    gateway, _ = gateway_with(FakeResponse(body=[1.0, first_two, STALL]), sink)
+    call = request_for("messages")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(3)
+        call.disconnect()
+    (record,) = sink.records
+    assert record.cancelled
+    assert record.time_to_first_token == pytest.approx(1.0)
+    assert record.bytes_to_client == len(call.text) > 0
+
+
+async def test_stalled_client_and_shutdown_and_runaway_events_are_recorded(
+    autojump_clock: trio.testing.MockClock,
+):
+    stalled_sink, shutdown_sink, runaway_sink = ListSink(), ListSink(), ListSink()
+    events = [raw + b"\n\n" for raw in stream_bytes("chat").split(b"\n\n") if raw]
+    gateway, _ = gateway_with(
+        FakeResponse(body=events), stalled_sink, timeouts=Timeouts(client_stall=10, keepalive=0)
+    )
+    stalled = request_for("chat")
+    stalled.reading = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stalled.run, gateway)
+        await trio.sleep(20)
+        stalled.reading.set()
+    assert stalled_sink.records[0].error_type == "client_stall"
+
+    gateway, _ = gateway_with(FakeResponse(body=[events[0], STALL]), shutdown_sink)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request_for("chat").run, gateway)
+        await trio.sleep(1)
+        await gateway.drain(grace=1)
+    assert shutdown_sink.records[0].error_type == "shutdown"
+
+    gateway, _ = gateway_with(
+        FakeResponse(body=[b"data: " + b"x" * 2000] * 100), runaway_sink, max_event_bytes=4096
+    )
+    await request_for("chat").run(gateway)
+    assert runaway_sink.records[0].error_type == "rewrite_error"
+
+
+async def test_oversize_upstream_answer_is_recorded(autojump_clock: trio.testing.MockClock):
+    sink = ListSink()
+    answer = FakeResponse(body=[b"{" + b" " * 2_000_000], content_type="application/json")
+    upstream = FakeUpstream(answer)
+    config = dataclasses.replace(make_config(), max_upstream_body_bytes=1_000_000)
+    gateway = Gateway(config, transport=upstream, sinks=[sink])
+    call = await AsgiCall.json({"model": PUBLIC_MODEL, "messages": []}).run(gateway)
+    assert call.status == 502
+    (record,) = sink.records
+    assert record.error_type == "upstream_too_large"
+    assert record.bytes_to_client == len(call.text)

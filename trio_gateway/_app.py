@@ -41,7 +41,7 @@ from trio_gateway._extract import Extracted
 from trio_gateway._kinds import Failure, FailureType, Kind, error_body
 from trio_gateway._metrics import GatewayMetrics
 from trio_gateway._multipart import MultipartError, replace_form_field
-from trio_gateway._pipeline import stream_events
+from trio_gateway._pipeline import StreamResult, stream_events
 from trio_gateway._policy_chat import ChatPolicy
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
@@ -393,17 +393,19 @@ class Gateway:
         headers = [*_STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
         record.status = 200
         body = _AsgiBody(send)
+        result = StreamResult()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             with self.metrics.active_stream():
-                result = await stream_events(
-                    response, rewriter, body, self.config.timeouts, control, self.metrics
+                await stream_events(
+                    response, rewriter, body, self.config.timeouts, control, self.metrics, result
                 )
         finally:
             await close_response(response)  # if stream_events never started
+            # Also when cancelled: a client that left still got what it got.
             record.bytes_to_client = body.bytes_sent
+            record.first_token_at = result.first_content_at
             _note_extracted(record, policy.extracted)
-        record.first_token_at = result.first_content_at
         if result.failure is not None:
             record.error_type = result.failure.type.value
 
@@ -432,6 +434,7 @@ class Gateway:
             body = error_body(kind, 502, message, "upstream_auth")
             record.status = 502
             record.error_type = FailureType.UPSTREAM_STATUS.value
+            record.bytes_to_client = len(body)
             await _send_json(send, 502, body, request_id)
             return
         extracted = Extracted()

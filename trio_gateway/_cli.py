@@ -63,9 +63,10 @@ def _serve(config_path: str, bind: str | None) -> int:
     except (OSError, ValueError) as exc:
         return _config_error(f"log.destination: cannot write {config.log_destination}: {exc}")
     if config.log_destination == "logging":
-        logging.basicConfig(
-            level=config.log_level.upper() if config.log_level != "off" else "ERROR"
-        )
+        # A handler for whoever has none; the level applies to the request log only.
+        logging.basicConfig()
+        if config.log_level != "off":
+            logging.getLogger("trio_gateway.requests").setLevel(config.log_level.upper())
     store = UsageStore(config.database) if config.database is not None else None
     gateway = Gateway(config, store=store, request_log=request_log)
 

@@ -252,15 +252,17 @@ async def stream_events(
     timeouts: Timeouts,
     control: ExchangeControl,
     observer: StreamObserver | None = None,
+    result: StreamResult | None = None,
 ) -> StreamResult:
     """Stream ``response``'s events through ``rewriter`` to ``body``; say how it ended.
 
     Takes ownership of ``response`` (closed on return or cancellation). The
     caller has sent the response start. A checkpoint; on cancellation the
     upstream is closed and the client body is left unfinished, so no client
-    can mistake it for a clean end.
+    can mistake it for a clean end. Pass ``result`` to read how far the
+    stream got even when it is cancelled.
     """
-    result = StreamResult()
+    result = result if result is not None else StreamResult()
     send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
