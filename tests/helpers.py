@@ -15,7 +15,6 @@ and at once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +256,3 @@ def sse(*events: dict[str, Any] | str, event_names: bool = False) -> list[bytes]
             name = f"event: {item['type']}\n" if event_names else ""
             out.append(name.encode() + b"data: " + orjson.dumps(item) + b"\n\n")
     return out
-
-
-INFINITY = math.inf

@@ -108,7 +108,6 @@ class StreamResult:
     """How a stream ended; ``failure`` is None for a clean end."""
 
     failure: Failure | None = None
-    chunks: int = 0
     first_content_at: float | None = None  # first content token handed to the server
     arrived_at: float = 0.0  # when the chunk now being handed over came from upstream
 
@@ -217,7 +216,6 @@ async def _write_client(
                     if isinstance(item, Failure):
                         result.failure = item
                         return rewriter.fail(item)
-                    result.chunks += 1
                     try:
                         out = rewriter.feed(item)
                     except SSEError as exc:

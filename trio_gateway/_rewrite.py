@@ -177,11 +177,6 @@ class StreamRewriter:
     def policy(self) -> Policy:
         return self._policy
 
-    @property
-    def complete(self) -> bool:
-        """Whether upstream has claimed a complete answer (sent [DONE] or a terminal event)."""
-        return self.saw_done or self._held is not None
-
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send for ``chunk`` (maybe empty). Raises SSEError on a runaway event."""
         return self._render(self._decoder.feed(chunk), final=False)
