@@ -25,6 +25,7 @@ import openai
 import pytest
 import trio
 
+from tests.helpers import AsgiCall
 from trio_gateway._app import Gateway
 from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
 from trio_gateway._server import serve
@@ -427,3 +428,32 @@ sha256 = "{hash_key(CLIENT_KEY)}"
     no_cost(message.usage)
     assert mock.requests[-1].header("x-api-key") == UPSTREAM_KEY
     assert status == 0
+
+
+async def test_real_refused_connection_is_a_502_in_each_kinds_shape():
+    """Nothing listens on the upstream's port: the kernel refuses, the client gets 502."""
+    with socket.socket() as probe:  # a loopback port that is free, then closed again
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = GatewayConfig(
+        upstreams={"gone": Upstream("gone", f"http://127.0.0.1:{port}/v1", UPSTREAM_KEY)},
+        models={FREE: ModelRoute(FREE, "gone", "vendor/model")},
+        keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
+    )
+    gateway = Gateway(config)
+    with trio.fail_after(TIME_LIMIT):
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            call = AsgiCall.json({"model": FREE, "stream": True, "messages": []}, path=path)
+            call.headers = [
+                (b"content-type", b"application/json"),
+                (b"authorization", f"Bearer {CLIENT_KEY}".encode()),
+            ]
+            await call.run(gateway)
+            assert call.status == 502
+            body = call.json_body()
+            if path.endswith("messages"):
+                assert body["error"]["type"] == "api_error"
+            else:
+                assert body["error"]["code"] == "upstream_unreachable"
+            assert str(port) not in call.text.decode()
+        await gateway.aclose()

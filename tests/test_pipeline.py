@@ -606,3 +606,17 @@ async def test_upstream_failure_while_the_client_is_stalled_is_still_a_failure(
     # The failure was never handed over (the writer was stuck), yet the stream
     # must not end as if it were complete.
     assert "error" in orjson.loads(call.events[-1].data or "")
+
+
+async def test_client_disconnect_during_a_whole_answer_closes_upstream(
+    autojump_clock: trio.testing.MockClock,
+):
+    answer = FakeResponse(body=[b'{"model": "x", ', STALL], content_type="application/json")
+    gateway, upstream = make_gateway(answer)
+    call = AsgiCall.json({"model": PUBLIC_MODEL, "messages": []})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(7)
+        call.disconnect()
+    assert upstream.bodies[0].closed_at == pytest.approx(7)
+    assert call.status is None  # nothing was sent: the answer was never whole
