@@ -15,8 +15,14 @@ and at once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -256,3 +262,32 @@ def sse(*events: dict[str, Any] | str, event_names: bool = False) -> list[bytes]
             name = f"event: {item['type']}\n" if event_names else ""
             out.append(name.encode() + b"data: " + orjson.dumps(item) + b"\n\n")
     return out
+
+
+@dataclass
+class ServeCommand:
+    """A running ``trio-gateway serve``: its URL, and once stopped, its exit status."""
+
+    url: str
+    status: int | None = None
+
+
+@asynccontextmanager
+async def serve_command(config: Path, env: Mapping[str, str]) -> AsyncIterator[ServeCommand]:
+    """Run ``trio-gateway serve --config`` on a free loopback port; SIGTERM it on exit."""
+    command = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
+    process = await trio.lowlevel.open_process(
+        [*command, "--bind", "127.0.0.1:0"], env={**os.environ, **env}, stderr=subprocess.PIPE
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    async with stderr:
+        banner = b""
+        while b"listening on" not in banner:
+            banner += await stderr.receive_some(4096)
+        running = ServeCommand(banner.split(b"listening on ", 1)[1].split()[0].decode())
+        try:
+            yield running
+        finally:
+            process.send_signal(signal.SIGTERM)
+            running.status = await process.wait()

@@ -8,11 +8,7 @@ Every test has an absolute ``trio.fail_after``.
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +21,7 @@ import openai
 import pytest
 import trio
 
-from tests.helpers import AsgiCall
+from tests.helpers import AsgiCall, serve_command
 from trio_gateway._app import Gateway
 from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
 from trio_gateway._server import serve
@@ -402,32 +398,20 @@ name = "e2e"
 sha256 = "{hash_key(CLIENT_KEY)}"
 """
     )
-    env = {**os.environ, "E2E_UPSTREAM_KEY": UPSTREAM_KEY}
-    command = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
     with trio.fail_after(TIME_LIMIT):
-        process = await trio.lowlevel.open_process(
-            [*command, "--bind", "127.0.0.1:0"], env=env, stderr=subprocess.PIPE
-        )
-        assert process.stderr is not None
-        banner = b""
-        while b"listening on" not in banner:
-            banner += await process.stderr.receive_some(4096)
-        url = banner.split(b"listening on ", 1)[1].split()[0].decode()
-        try:
-            with anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0) as client:
+        async with serve_command(config, {"E2E_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+            with anthropic.Anthropic(
+                base_url=gateway.url, api_key=CLIENT_KEY, max_retries=0
+            ) as client:
                 message = await in_thread(
                     lambda: client.messages.create(
                         model=FREE, max_tokens=16, messages=[{"role": "user", "content": "hi"}]
                     )
                 )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            status = await process.wait()
-            await process.stderr.aclose()
     assert message.model == FREE
     no_cost(message.usage)
     assert mock.requests[-1].header("x-api-key") == UPSTREAM_KEY
-    assert status == 0
+    assert gateway.status == 0, "SIGTERM stops it cleanly"
 
 
 async def test_real_refused_connection_is_a_502_in_each_kinds_shape():

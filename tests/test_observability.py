@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import STALL, AsgiCall, FakeResponse, make_gateway
+from tests.helpers import STALL, AsgiCall, FakeResponse, make_gateway, serve_command
 from tests.test_pipeline import request_for, stream_bytes
 from trio_gateway._config import hash_key
 from trio_gateway.mock_upstream import MockUpstream, Script
@@ -102,32 +99,19 @@ database = "data.db"
 destination = "requests.log"
 """
     )
-    env = {**os.environ, "OBS_UPSTREAM_KEY": UPSTREAM_KEY}
-    command = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            [*command, "--bind", "127.0.0.1:0"], env=env, stderr=subprocess.PIPE
-        )
-        assert process.stderr is not None
-        banner = b""
-        while b"listening on" not in banner:
-            banner += await process.stderr.receive_some(4096)
-        url = banner.split(b"listening on ", 1)[1].split()[0].decode()
+        async with serve_command(config, {"OBS_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+            url = gateway.url
 
-        def use_it() -> None:
-            with openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0) as oa:
-                list(oa.chat.completions.create(model=MODEL, stream=True, messages=[]))
-                oa.responses.create(model=MODEL, input="hi")
-            with anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0) as an:
-                an.messages.create(model=MODEL, max_tokens=9, messages=[])
+            def use_it() -> None:
+                with openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0) as oa:
+                    list(oa.chat.completions.create(model=MODEL, stream=True, messages=[]))
+                    oa.responses.create(model=MODEL, input="hi")
+                with anthropic.Anthropic(base_url=url, api_key=CLIENT_KEY, max_retries=0) as an:
+                    an.messages.create(model=MODEL, max_tokens=9, messages=[])
 
-        try:
             await trio.to_thread.run_sync(use_it)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            status = await process.wait()
-            await process.stderr.aclose()
-    assert status == 0
+    assert gateway.status == 0  # SIGTERM: drained and stopped cleanly
     database = str(tmp_path / "data.db")
     usage_command = [sys.executable, "-m", "trio_gateway", "usage", "--database", database]
     report = await trio.run_process([*usage_command, "--json", "--by", "key"], capture_stdout=True)
