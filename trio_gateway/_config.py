@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trio_gateway._request_log import LEVELS as LOG_LEVELS
+
 __all__ = [
     "ConfigError",
     "GatewayConfig",
@@ -220,9 +222,6 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-_LOG_LEVELS = ("debug", "info", "warning", "error", "off")
-
-
 def parse_config(
     data: Mapping[str, Any],
     env: Mapping[str, str] | None = None,
@@ -321,8 +320,8 @@ def parse_config(
 
     log = root.table("log")
     log_level = log.text("level", "info").lower()
-    if log_level not in _LOG_LEVELS:
-        raise ConfigError(f"log.level: expected one of {', '.join(_LOG_LEVELS)}")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: expected one of {', '.join(LOG_LEVELS)}")
     log_destination = log.text("destination", "-")
     if log_destination not in ("-", "logging"):
         log_destination = str(base / log_destination)
