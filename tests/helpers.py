@@ -266,28 +266,46 @@ def sse(*events: dict[str, Any] | str, event_names: bool = False) -> list[bytes]
 
 @dataclass
 class ServeCommand:
-    """A running ``trio-gateway serve``: its URL, and once stopped, its exit status."""
+    """A running ``trio-gateway serve``: its URL, everything it wrote, and its exit status."""
 
     url: str
+    output: bytearray  # stderr, then stdout once the process has ended
     status: int | None = None
+
+
+async def _collect(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+    while chunk := await stream.receive_some(65536):
+        into += chunk
 
 
 @asynccontextmanager
 async def serve_command(config: Path, env: Mapping[str, str]) -> AsyncIterator[ServeCommand]:
-    """Run ``trio-gateway serve --config`` on a free loopback port; SIGTERM it on exit."""
+    """Run ``trio-gateway serve --config`` on a free loopback port; SIGTERM it on exit.
+
+    Its output is read all along (a full pipe would block it) into ``output``.
+    """
     command = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
     process = await trio.lowlevel.open_process(
-        [*command, "--bind", "127.0.0.1:0"], env={**os.environ, **env}, stderr=subprocess.PIPE
+        [*command, "--bind", "127.0.0.1:0"],
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
-    stderr = process.stderr
+    stderr, stdout = process.stderr, process.stdout
     assert stderr is not None
-    async with stderr:
-        banner = b""
+    assert stdout is not None
+    printed = bytearray()
+    async with stderr, stdout, trio.open_nursery() as nursery:
+        banner = bytearray()
         while b"listening on" not in banner:
             banner += await stderr.receive_some(4096)
-        running = ServeCommand(banner.split(b"listening on ", 1)[1].split()[0].decode())
+        url = bytes(banner).split(b"listening on ", 1)[1].split()[0].decode()
+        running = ServeCommand(url, banner)
+        nursery.start_soon(_collect, stderr, running.output)
+        nursery.start_soon(_collect, stdout, printed)
         try:
             yield running
         finally:
             process.send_signal(signal.SIGTERM)
             running.status = await process.wait()
+    running.output += printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import math
 import tomllib
 from pathlib import Path
@@ -93,10 +94,10 @@ def test_full_example_parses():
         KeyEntry("bob", hash_key("bob-key")),  # stored lower-case
     )
     assert config.allow_anonymous is False
-    assert config.key_name("alice-key") == "alice"
-    assert config.key_name("bob-key") == "bob"
-    assert config.key_name("eve-key") is None
-    assert config.key_name("") is None
+    assert config.find_key("alice-key") == config.keys[0]
+    assert config.find_key("bob-key") == config.keys[1]
+    assert config.find_key("eve-key") is None
+    assert config.find_key("") is None
 
 
 def test_defaults():
@@ -156,16 +157,16 @@ def test_hash_key_matches_hashlib():
         assert hash_key(key) == hashlib.sha256(key.encode()).hexdigest()
 
 
-def test_key_name_returns_the_entry_name():
+def test_find_key_returns_the_matching_entry():
     config = GatewayConfig(
         upstreams={"u": Upstream("u", "https://u.invalid", SECRET)},
         models={},
         keys=(KeyEntry("first", hash_key("k1")), KeyEntry("second", hash_key("k2"))),
     )
-    assert config.key_name("k1") == "first"
-    assert config.key_name("k2") == "second"
-    assert config.key_name("k3") is None
-    assert config.key_name(hash_key("k1")) is None  # the hash itself is not a key
+    assert config.find_key("k1") == config.keys[0]
+    assert config.find_key("k2") == config.keys[1]
+    assert config.find_key("k3") is None
+    assert config.find_key(hash_key("k1")) is None  # the hash itself is not a key
 
 
 # --- one test per validation error ---------------------------------------------------------
@@ -479,3 +480,100 @@ def test_accounting_and_log_paths_are_taken_beside_the_config(tmp_path: Path):
 def test_bad_log_level_is_named():
     data = {**example(), "log": {"level": "loud"}}
     assert error_of(data).startswith("log.level: expected one of")
+
+
+def test_key_limits_and_allowlist_parse():
+    data = example()
+    data["keys"][0].update(models=["kilo/free-model"], rpm=60, tpm=100_000)
+    config = parse_config(data, ENV)
+    alice, bob = config.keys
+    assert alice.models == frozenset({"kilo/free-model"})
+    assert (alice.rpm, alice.tpm) == (60, 100_000)
+    assert alice.allows("kilo/free-model")
+    assert not alice.allows("kilo/paid-model")
+    assert (bob.models, bob.rpm, bob.tpm) == (None, None, None)
+    assert bob.allows("kilo/paid-model")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("rpm", 0, "keys[0].rpm: must be at least 1, got 0"),
+        ("tpm", -5, "keys[0].tpm: must be at least 1, got -5"),
+        ("rpm", 1.5, "keys[0].rpm: expected a whole number, got 1.5"),
+        ("rpm", True, "keys[0].rpm: expected a whole number, got True"),
+        ("models", "kilo/free-model", "keys[0].models: expected a list of names"),
+        ("models", ["kilo/free-model", 3], "keys[0].models: expected a list of non-empty strings"),
+        ("models", [""], "keys[0].models: expected a list of non-empty strings"),
+        ("models", ["kilo/typo"], "keys[0].models: no model named 'kilo/typo'"),
+    ],
+)
+def test_bad_key_limits_are_named(field: str, value: Any, expected: str):
+    data = example()
+    data["keys"][0][field] = value
+    assert error_of(data).startswith(expected)
+
+
+@pytest.mark.parametrize("field", ["name", "sha256"])
+def test_repeated_key_name_or_hash_is_refused(field: str):
+    data = example()
+    data["keys"][1][field] = data["keys"][0][field]
+    assert error_of(data) == f"keys[1].{field}: the same as keys[0]"
+
+
+def test_find_key_compares_against_every_entry_in_constant_time(monkeypatch: pytest.MonkeyPatch):
+    """No early exit and no ``==``: every digest goes through hmac.compare_digest."""
+    compared: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def counting(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    config = GatewayConfig(
+        upstreams={},
+        models={},
+        keys=tuple(KeyEntry(f"k{i}", hash_key(f"key-{i}")) for i in range(5)),
+    )
+    assert config.find_key("key-0") == config.keys[0]
+    assert len(compared) == 5, "kept comparing after the match"
+    compared.clear()
+    assert config.find_key("nobody") is None
+    assert [b for _, b in compared] == [key.sha256 for key in config.keys]
+    assert all(a == hash_key("nobody") for a, _ in compared), "only digests are compared"
+
+
+def test_client_headers_and_request_body_defaults():
+    config = parse_config(example(), ENV)  # the example's [timeouts] names neither
+    assert (config.timeouts.client_headers, config.timeouts.request_body) == (10.0, 60.0)
+    assert (Timeouts().client_headers, Timeouts().request_body) == (10.0, 60.0)
+
+
+def test_client_headers_and_request_body_parse():
+    data = example()
+    data["timeouts"].update(client_headers=0.5, request_body=30)
+    timeouts = parse_config(data, ENV).timeouts
+    assert (timeouts.client_headers, timeouts.request_body) == (0.5, 30.0)
+
+
+def test_request_body_zero_turns_it_off_and_client_headers_zero_is_refused():
+    data = example()
+    data["timeouts"]["request_body"] = 0
+    assert parse_config(data, ENV).timeouts.request_body == math.inf
+    data["timeouts"]["client_headers"] = 0
+    assert error_of(data) == "timeouts.client_headers: expected a positive number, got 0"
+    assert Timeouts(request_body=0).request_body == math.inf
+    with pytest.raises(ConfigError, match=r"^timeouts\.client_headers: expected a positive"):
+        Timeouts(client_headers=0)
+
+
+@pytest.mark.parametrize("value", [-1, math.inf, math.nan, True, "10"])
+def test_bad_client_headers_or_request_body_is_named(value: Any):
+    for key in ("client_headers", "request_body"):
+        data = example()
+        data["timeouts"][key] = value
+        message = error_of(data)
+        assert message.startswith(f"timeouts.{key}: expected a")
+        numeric = not isinstance(value, bool | str)
+        assert ("0 turns it off" in message) == (key == "request_body" and numeric)

@@ -560,7 +560,7 @@ HTML = (b"<html><head><title>502 Bad Gateway</title></head>", b"<body>cloudflare
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("status", [200, 502, 503])
-async def test_html_answer_passes_through_unchanged(
+async def test_html_answer_becomes_a_json_error_in_the_kinds_shape(
     mock: MockUpstream, kind: StreamKind, status: int
 ) -> None:
     page = b"".join(HTML)
@@ -570,10 +570,17 @@ async def test_html_answer_passes_through_unchanged(
         script = Script(status=status, content_type="text/html", error_body=page)
     with trio.fail_after(TIME_LIMIT):
         call = await run_against(mock, kind, script)
-    assert call.status == status
-    assert call.response_headers[b"content-type"] == b"text/html"
-    assert call.response_headers[b"content-length"] == b"%d" % len(page)  # sent whole
-    assert call.text == page
+    assert call.status == (502 if status == 200 else status)  # never a 200 with no answer
+    assert call.response_headers[b"content-type"] == b"application/json"
+    assert call.response_headers[b"content-length"] == b"%d" % len(call.text)  # sent whole
+    assert b"cloudflare" not in call.text
+    body = orjson.loads(call.text)
+    error = body["error"]
+    if kind == "messages":
+        assert body["type"] == "error"
+    else:
+        assert error["code"] == "upstream_invalid"
+    assert "not a JSON object" in error["message"]
     assert call.ended
 
 

@@ -620,3 +620,26 @@ async def test_client_disconnect_during_a_whole_answer_closes_upstream(
         call.disconnect()
     assert upstream.bodies[0].closed_at == pytest.approx(7)
     assert call.status is None  # nothing was sent: the answer was never whole
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+async def test_upstream_key_echoed_in_a_stream_is_redacted(
+    chunk_size: int, autojump_clock: trio.testing.MockClock
+):
+    echo = UPSTREAM_KEY
+    body = b"".join(
+        sse(
+            {"id": "1", "model": UPSTREAM_MODEL, "choices": [{"delta": {"content": echo}}]},
+            f"not json, but it quotes Bearer {echo}",  # passes through unchanged, byte for byte
+            {"id": "1", "choices": [], "usage": {"prompt_tokens": 1, "note": echo}},
+            "[DONE]",
+        )
+    )
+    chunks: list[BodyStep] = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    gateway, _ = make_gateway(FakeResponse(body=chunks))
+    call = await request_for("chat").run(gateway)
+    assert call.status == 200
+    assert UPSTREAM_KEY.encode() not in call.text
+    assert call.text.count(b"[redacted]") == 3
+    assert b"data: not json, but it quotes Bearer [redacted]\n\n" in call.text
+    assert call.events[-1].data == "[DONE]"

@@ -445,6 +445,36 @@ async def test_body_reading_stops_at_the_limit(autojump_clock: trio.testing.Mock
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    ("declared", "status", "reads"),
+    [(b"1001", 413, 0), (b"99999999999999999999", 413, 0), (b"1000", 200, 1), (b"+5", 200, 1)],
+)
+async def test_declared_oversize_body_is_413_before_any_read(
+    declared: bytes, status: int, reads: int, autojump_clock: trio.testing.MockClock
+):
+    gateway, upstream = ok_gateway(max_body_bytes=1000)
+    body = orjson.dumps(JSON_KINDS["chat"][1])
+    reads_done = 0
+
+    async def receive() -> MutableMapping[str, Any]:
+        nonlocal reads_done
+        reads_done += 1
+        if reads_done > 1:  # the disconnect watcher: the client stays
+            await trio.sleep_forever()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    call = AsgiCall.json({}, headers=[(b"content-length", declared)])
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await gateway(call.scope, receive, send)
+    assert sent[0]["status"] == status
+    assert min(reads_done, 1) == reads, "refused on the declared length, before reading"
+    assert len(upstream.requests) == (status == 200)
+
+
 async def test_body_exactly_at_the_limit_is_accepted(autojump_clock: trio.testing.MockClock):
     payload: dict[str, Any] = {**JSON_KINDS["chat"][1], "pad": ""}
     size = len(orjson.dumps(payload))
@@ -654,6 +684,31 @@ async def test_hostile_model_names_in_a_form_are_data(
     call = await form_call(form_body(model)).run(gateway)
     assert call.status == 404
     assert openai_error(call)["code"] == "model_not_found"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"anthropic-version", b"2023-06-01\r\nx-injected: yes"),
+        (b"anthropic-beta", b"tools\nHost: evil.example"),
+        (b"openai-beta", b"assistants=v2\x00"),
+        (b"anthropic-beta", "caf\u00e9".encode()),
+    ],
+    ids=["crlf", "lf", "nul", "non-ascii"],
+)
+@pytest.mark.parametrize("kind", ["chat", "messages"])
+async def test_forwarded_header_with_a_line_break_is_400_and_never_sent(
+    kind: str, header: tuple[bytes, bytes], autojump_clock: trio.testing.MockClock
+):
+    path, payload = JSON_KINDS[kind]
+    gateway, upstream = ok_gateway()
+    call = await AsgiCall.json(payload, path=path, headers=[header]).run(gateway)
+    assert call.status == 400
+    message = (
+        anthropic_error(call)["message"] if kind == "messages" else openai_error(call)["message"]
+    )
+    assert header[0].decode() in message
     assert upstream.requests == []
 
 
@@ -889,18 +944,41 @@ async def test_upstream_error_status_passes_through(
         assert b"retry-after" not in call.response_headers
 
 
-@pytest.mark.parametrize("status", [502, 200, 404])
-async def test_non_json_answer_passes_through_unchanged(
-    status: int, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(
+    ("status", "client_status"), [(502, 502), (404, 404), (200, 502), (302, 502)]
+)
+@pytest.mark.parametrize("kind", JSON_KINDS)
+async def test_non_json_answer_becomes_an_error_in_the_kinds_shape(
+    kind: str, status: int, client_status: int, autojump_clock: trio.testing.MockClock
 ):
-    page = b"<html>bad gateway</html>"
+    page = b"<html>bad gateway from cdn.example</html>"
     answer = FakeResponse(body=[page[:9], page[9:]], status=status, content_type="text/html")
     gateway, _ = make_gateway(answer)
+    path, payload = JSON_KINDS[kind]
+    call = await AsgiCall.json({**payload, "stream": True}, path=path).run(gateway)
+    assert call.status == client_status
+    assert_json_answer(call)
+    assert b"cdn.example" not in call.text
+    if kind == "messages":
+        message = anthropic_error(call)["message"]
+    else:
+        message = openai_error(call)["message"]
+    assert f"answered {status} with a body that is not a JSON object" in message
+
+
+async def test_json_answer_that_is_not_an_object_is_502(autojump_clock: trio.testing.MockClock):
+    gateway, _ = make_gateway(json_answer(["not", "an", "answer"]))
     call = await AsgiCall.json(JSON_KINDS["chat"][1]).run(gateway)
-    assert call.status == status
-    assert call.text == page
-    assert call.response_headers[b"content-type"] == b"text/html"
-    assert call.response_headers[b"content-length"] == str(len(page)).encode()
+    assert call.status == 502
+    assert openai_error(call)["code"] == "upstream_invalid"
+
+
+async def test_transcription_html_error_page_becomes_json(autojump_clock: trio.testing.MockClock):
+    answer = FakeResponse(body=[b"<html>oops</html>"], status=503, content_type="text/html")
+    gateway, _ = make_gateway(answer)
+    call = await form_call(form_body(PUBLIC_MODEL)).run(gateway)
+    assert call.status == 503
+    assert openai_error(call)["code"] == "upstream_invalid"
 
 
 @pytest.mark.parametrize("status", [401, 403, 407])
@@ -927,9 +1005,9 @@ async def test_upstream_refusing_our_credentials_is_502_without_its_words(
     [
         (400, "application/json", {"error": {"message": f"bad header: Bearer {UPSTREAM_KEY}"}}),
         (200, "application/json", {**CHAT_ANSWER, "echo": UPSTREAM_KEY}),
-        (500, "text/plain", f"debug: key={UPSTREAM_KEY}"),
+        (200, "text/plain", f"debug: key={UPSTREAM_KEY}"),
     ],
-    ids=["error-json", "ok-json", "text"],
+    ids=["error-json", "ok-json", "transcription-text"],
 )
 async def test_bodies_echoing_the_upstream_key_are_redacted(
     status: int, content_type: str, body: Any, autojump_clock: trio.testing.MockClock
@@ -937,7 +1015,10 @@ async def test_bodies_echoing_the_upstream_key_are_redacted(
     raw = body.encode() if isinstance(body, str) else orjson.dumps(body)
     answer = FakeResponse(body=[raw[:20], raw[20:]], status=status, content_type=content_type)
     gateway, _ = make_gateway(answer)
-    call = await AsgiCall.json(JSON_KINDS["chat"][1]).run(gateway)
+    if content_type == "text/plain":  # only a transcription passes a text answer on
+        call = await form_call(form_body(PUBLIC_MODEL)).run(gateway)
+    else:
+        call = await AsgiCall.json(JSON_KINDS["chat"][1]).run(gateway)
     assert call.status == status
     assert UPSTREAM_KEY.encode() not in call.text
     assert b"[redacted]" in call.text
@@ -1073,3 +1154,21 @@ async def test_request_ids_are_hex_and_fresh(autojump_clock: trio.testing.MockCl
         assert re.fullmatch(rb"[0-9a-f]{32}", request_id)
         ids.add(request_id)
     assert len(ids) == len(calls)
+
+
+async def test_transcription_content_type_that_cannot_go_upstream_is_400(
+    autojump_clock: trio.testing.MockClock,
+):
+    """Found by the request fuzz target: the multipart content type is forwarded as it is."""
+    boundary = "b\xc3oundary"
+    body = form_body(PUBLIC_MODEL, boundary=boundary)
+    call = form_call(body, boundary=boundary)
+    call.headers[0] = (
+        b"content-type",
+        f"multipart/form-data; boundary={boundary}".encode("latin-1"),
+    )
+    gateway, upstream = make_gateway(json_answer({"text": "hello"}))
+    await call.run(gateway)
+    assert call.status == 400
+    assert openai_error(call)["code"] == "invalid_header"
+    assert upstream.requests == []

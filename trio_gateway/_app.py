@@ -7,7 +7,8 @@ Each proxied request is handled in the task hypercorn gives it:
 
 1. Checks that need no upstream happen first, each answered in the
    endpoint's own error shape: route and method, client key, body size (read
-   with a bound, never buffered past it), content type, JSON, model.
+   with a bound, never buffered past it), content type, JSON, model, the
+   key's model allowlist, then the key's rate limits (:mod:`trio_gateway._limits`).
 2. The request body is rebuilt with the upstream model name (and, for
    streamed chat, ``stream_options.include_usage``), and sent with fresh
    headers (:mod:`trio_gateway._upstream`).
@@ -18,7 +19,9 @@ Each proxied request is handled in the task hypercorn gives it:
    unwinds and the upstream socket closes.
 4. A 2xx event stream goes through :func:`trio_gateway._pipeline.stream_events`;
    anything else (JSON, errors, a stray HTML page) is read whole, bounded by
-   ``max_upstream_body_bytes``, rewritten if it is JSON, and sent at once.
+   ``max_upstream_body_bytes``, rewritten if it is JSON, and sent at once. A
+   body the client could not parse (not a JSON object) becomes an error in
+   the kind's shape.
 
 Shutdown: :meth:`Gateway.drain` gives open streams ``timeouts.shutdown``
 seconds, then stops their upstream reads so each ends with its kind's error
@@ -36,9 +39,15 @@ import httpx
 import orjson
 import trio
 
-from trio_gateway._config import GatewayConfig, ModelRoute
+from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute
 from trio_gateway._extract import Extracted
 from trio_gateway._kinds import Failure, FailureType, Kind, error_body
+from trio_gateway._limits import (
+    MemoryRateLimiter,
+    RateLimiter,
+    retry_after_header,
+    tokens_charged,
+)
 from trio_gateway._metrics import GatewayMetrics
 from trio_gateway._multipart import MultipartError, replace_form_field
 from trio_gateway._pipeline import StreamResult, stream_events
@@ -47,12 +56,20 @@ from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._policy_responses import ResponsesPolicy
 from trio_gateway._record import RecordSink, RequestRecord
 from trio_gateway._request_log import RequestLogger
-from trio_gateway._rewrite import PassThroughPolicy, Policy, StreamRewriter, rewrite_json_body
+from trio_gateway._rewrite import (
+    REDACTED,
+    PassThroughPolicy,
+    Policy,
+    StreamRewriter,
+    rewrite_json_body,
+)
 from trio_gateway._upstream import (
     ExchangeControl,
     UpstreamError,
     Upstreams,
+    bad_forwarded_header,
     close_response,
+    is_field_value,
     next_chunk,
     raw_chunks,
 )
@@ -74,6 +91,7 @@ _POLICIES: dict[Kind, type[Policy]] = {
 # Upstream response headers a client may see; everything else (cookies, provider
 # identity, content-length of a body we rewrite) stays behind.
 _PASSED_RESPONSE_HEADERS = ("retry-after",)
+_ANONYMOUS = KeyEntry("anonymous", "")  # with allow_anonymous: no key, no limits
 _CLOSE_GRACE = 2.0  # seconds given to closing pooled upstream connections
 _ACCOUNTING_GRACE = 5.0  # seconds the accounting step of one request may take
 _STREAM_HEADERS = [
@@ -86,11 +104,18 @@ _STREAM_HEADERS = [
 class RequestError(Exception):
     """A client mistake, answered with ``status`` in the endpoint's error shape."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.headers = list(headers)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -111,27 +136,21 @@ class Gateway:
         sinks: Sequence[RecordSink] = (),
         store: UsageStore | None = None,
         request_log: RequestLogger | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
         self.metrics = GatewayMetrics(models=config.models)
         self.store = store
         self.request_log = request_log
+        self.limiter: RateLimiter = limiter or MemoryRateLimiter()
         self.sinks = [*sinks, *([store] if store is not None else [])]
         self.metrics.watch_store(store)
         self._closed = False
         self._open_exchanges: set[ExchangeControl] = set()
         self._exchanges_changed = trio.Event()
         self._stopping: Failure | None = None  # set once drain's grace has run out
-        self._models_body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "trio-gateway"}
-                    for name in config.models
-                ],
-            }
-        )
+        self._models_body = _models_body(list(config.models))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -195,8 +214,8 @@ class Gateway:
                 )
             elif path == "/v1/models":
                 _require_method(scope, "GET")
-                self._authenticate(scope)
-                await _send_json(send, 200, self._models_body, request_id)
+                key = self._authenticate(scope)
+                await _send_json(send, 200, self._models_list(key), request_id)
             elif kind is not None:
                 _require_method(scope, "POST")
                 await self._proxy(kind, scope, receive, send, request_id)
@@ -204,12 +223,21 @@ class Gateway:
                 raise RequestError(404, f"no such endpoint: {path}", "not_found")
         except RequestError as exc:
             self.metrics.refused(None if kind is None else kind.label, exc.status)
-            extra = [(b"allow", exc.code.encode())] if exc.status == 405 and exc.code else []
-            body = error_body(kind, exc.status, exc.message, None if extra else exc.code)
-            await _send_json(send, exc.status, body, request_id, extra)
+            body = error_body(kind, exc.status, exc.message, exc.code)
+            await _send_json(send, exc.status, body, request_id, exc.headers)
 
-    def _authenticate(self, scope: Scope) -> str:
-        """The client key's configured name; raises RequestError(401) otherwise."""
+    def _models_list(self, key: KeyEntry) -> bytes:
+        """The ``/v1/models`` body: every public model ``key`` may use."""
+        if key.models is None:
+            return self._models_body
+        return _models_body([name for name in self.config.models if key.allows(name)])
+
+    def _authenticate(self, scope: Scope) -> KeyEntry:
+        """The client's configured key; raises RequestError(401) otherwise.
+
+        Without credentials and with ``allow_anonymous``, an unrestricted key
+        named "anonymous".
+        """
         authorization = _header(scope, b"authorization")
         presented = _header(scope, b"x-api-key")
         if authorization is not None:
@@ -220,33 +248,60 @@ class Gateway:
             presented = token.strip()
         if presented is None:
             if self.config.allow_anonymous:
-                return "anonymous"
+                return _ANONYMOUS
             raise RequestError(401, "missing API key", "invalid_api_key")
-        name = self.config.key_name(presented)
-        if name is None:
+        key = self.config.find_key(presented)
+        if key is None:
             raise RequestError(401, "invalid API key", "invalid_api_key")
-        return name
+        return key
 
-    def _route(self, model: object) -> ModelRoute:
+    def _route(self, model: object, key: KeyEntry) -> ModelRoute:
+        """The route for ``model``; RequestError 400, 404, or 403 if ``key`` may not use it."""
         if not isinstance(model, str) or not model:
             raise RequestError(400, "`model` must be a non-empty string", "invalid_model")
         route = self.config.models.get(model)
         if route is None:
-            raise RequestError(404, f"model {model!r} does not exist", "model_not_found")
+            raise RequestError(404, f"model {_shown(model)} does not exist", "model_not_found")
+        if not key.allows(model):
+            message = f"this key may not use model {_shown(model)}"
+            raise RequestError(403, message, "model_not_allowed")
         return route
+
+    async def _admit(self, key: KeyEntry) -> None:
+        """Count the request against ``key``'s limits; RequestError(429) if over one."""
+        if key.rpm is None and key.tpm is None:
+            return
+        wait = await self.limiter.admit(key)
+        if wait is not None:
+            message = f"rate limit exceeded for this key; retry in {wait:.1f} s"
+            raise RequestError(
+                429, message, "rate_limit_exceeded", [(b"retry-after", retry_after_header(wait))]
+            )
 
     async def _proxy(
         self, kind: Kind, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
-        key_name = self._authenticate(scope)
-        body = await _read_body(receive, self.config.max_body_bytes)
+        key = self._authenticate(scope)
+        _refuse_declared_oversize(scope, self.config.max_body_bytes)
+        # Hypercorn's timers stop at the request head; a trickled body is bounded here.
+        with trio.move_on_after(self.config.timeouts.request_body) as body_timer:
+            body = await _read_body(receive, self.config.max_body_bytes)
+        if body_timer.cancelled_caught:
+            seconds = self.config.timeouts.request_body
+            message = f"the request body did not arrive within {seconds:g} s"
+            raise RequestError(408, message, "request_timeout")
         content_type = _header(scope, b"content-type") or ""
         stream = False
         if kind is Kind.TRANSCRIPTIONS:
-            route, body = self._prepare_form(body, content_type)
+            route, body = self._prepare_form(body, content_type, key)
         else:
-            route, body, stream = self._prepare_json(kind, body, content_type)
+            route, body, stream = self._prepare_json(kind, body, content_type, key)
             content_type = "application/json"
+        bad_header = bad_forwarded_header(scope["headers"])
+        if bad_header is not None:
+            message = f"header {bad_header} holds characters a header value may not"
+            raise RequestError(400, message, "invalid_header")
+        await self._admit(key)
         upstream = self.config.upstreams[route.upstream]
         request = self.upstreams.build_request(
             upstream,
@@ -259,7 +314,7 @@ class Gateway:
         record = RequestRecord(
             request_id=request_id,
             kind=kind.label,
-            key_name=key_name,
+            key_name=key.name,
             public_model=route.public_name,
             upstream=route.upstream,
             upstream_model=route.upstream_model,
@@ -276,9 +331,9 @@ class Gateway:
                 await self._exchange(kind, route, request, response.send, record)
                 nursery.cancel_scope.cancel(reason="response finished")
         finally:
-            await self._account(record)
+            await self._account(record, key)
 
-    async def _account(self, record: RequestRecord) -> None:
+    async def _account(self, record: RequestRecord, key: KeyEntry) -> None:
         """Finish ``record`` and hand it to every sink; runs even when cancelled.
 
         A checkpoint, shielded and bounded: each sink bounds its own wait, and
@@ -293,11 +348,13 @@ class Gateway:
             self.request_log.log(record)
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + _ACCOUNTING_GRACE
+            if key.tpm is not None:
+                await self.limiter.charge(key, tokens_charged(record))
             for sink in self.sinks:
                 await sink.submit(record)
 
     def _prepare_json(
-        self, kind: Kind, body: bytes, content_type: str
+        self, kind: Kind, body: bytes, content_type: str, key: KeyEntry
     ) -> tuple[ModelRoute, bytes, bool]:
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "expected content-type application/json")
@@ -307,7 +364,7 @@ class Gateway:
             raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
         if not isinstance(payload, dict):
             raise RequestError(400, "request body must be a JSON object", "invalid_json")
-        route = self._route(payload.get("model"))
+        route = self._route(payload.get("model"), key)
         payload["model"] = route.upstream_model
         stream = kind.streams and payload.get("stream") is True
         if stream and kind is Kind.CHAT:
@@ -317,12 +374,18 @@ class Gateway:
             options["include_usage"] = True  # usage must arrive in the stream
         return route, orjson.dumps(payload), stream
 
-    def _prepare_form(self, body: bytes, content_type: str) -> tuple[ModelRoute, bytes]:
+    def _prepare_form(
+        self, body: bytes, content_type: str, key: KeyEntry
+    ) -> tuple[ModelRoute, bytes]:
         if content_type.split(";")[0].strip().lower() != "multipart/form-data":
             raise RequestError(415, "expected content-type multipart/form-data")
+        if not is_field_value(content_type.encode("latin-1")):
+            # It goes upstream as it is, boundary included.
+            message = "header content-type holds characters a header value may not"
+            raise RequestError(400, message, "invalid_header")
         try:
             model, _ = replace_form_field(body, content_type, "model")
-            route = self._route(model)
+            route = self._route(model, key)
             _, body = replace_form_field(body, content_type, "model", route.upstream_model)
         except MultipartError as exc:
             raise RequestError(400, str(exc), "invalid_form") from None
@@ -389,7 +452,11 @@ class Gateway:
         control: ExchangeControl,
     ) -> None:
         policy = _POLICIES.get(kind, PassThroughPolicy)(route.public_name, free=route.free)
-        rewriter = StreamRewriter(policy, max_event_bytes=self.config.max_event_bytes)
+        rewriter = StreamRewriter(
+            policy,
+            max_event_bytes=self.config.max_event_bytes,
+            secret=self.config.upstreams[route.upstream].api_key.encode(),
+        )
         headers = [*_STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
         record.status = 200
         body = _AsgiBody(send)
@@ -438,18 +505,29 @@ class Gateway:
             await _send_json(send, 502, body, request_id)
             return
         extracted = Extracted()
-        body = rewrite_json_body(
+        rewritten = rewrite_json_body(
             body, route.public_name, free=route.free, kind=kind.label, extracted=extracted
         )
         _note_extracted(record, extracted)
-        record.status = status
+        content_type = response.headers.get("content-type", "application/json")
         if status >= 400:
             record.error_type = FailureType.UPSTREAM_STATUS.value
+        if rewritten is not None:
+            body = rewritten
+        elif status >= 400 or kind is not Kind.TRANSCRIPTIONS:
+            # The client's SDK parses JSON here (a transcription may be plain
+            # text). An HTML page from a proxy in front of the provider, or a
+            # 200 that is not the answer, becomes an error in the kind's shape.
+            message = f"the upstream answered {status} with a body that is not a JSON object"
+            if status < 400:
+                status = 502
+                record.error_type = FailureType.UPSTREAM_INVALID.value
+            body = error_body(kind, status, message, FailureType.UPSTREAM_INVALID.value)
+            content_type = "application/json"
+        record.status = status
         upstream_key = self.config.upstreams[route.upstream].api_key.encode()
-        body = body.replace(upstream_key, b"[redacted]")
-        headers = [
-            (b"content-type", response.headers.get("content-type", "application/json").encode())
-        ]
+        body = body.replace(upstream_key, REDACTED)
+        headers = [(b"content-type", content_type.encode())]
         headers.extend(
             (name.encode(), response.headers[name].encode())
             for name in _PASSED_RESPONSE_HEADERS
@@ -477,15 +555,50 @@ class _AsgiBody:
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
 
+def _models_body(names: list[str]) -> bytes:
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "trio-gateway"}
+                for name in names
+            ],
+        }
+    )
+
+
 def _require_method(scope: Scope, method: str) -> None:
     if scope["method"] != method:
-        raise RequestError(405, f"method {scope['method']} not allowed; use {method}", method)
+        message = f"method {scope['method']} not allowed; use {method}"
+        raise RequestError(405, message, "method_not_allowed", [(b"allow", method.encode())])
+
+
+def _shown(value: str, limit: int = 100) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters.
+
+    Client input echoed in errors is bounded, so a huge model name cannot
+    make a huge error body.
+    """
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _refuse_declared_oversize(scope: Scope, limit: int) -> None:
+    """RequestError(413) if ``Content-Length`` announces more than ``limit`` bytes.
+
+    Refused before a byte of the body is read. A body without the header
+    (chunked) is bounded while it is read.
+    """
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is over {limit} bytes", "body_too_large")
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
     """The whole request body; RequestError(413) as soon as it passes ``limit``.
 
     A checkpoint. Raises RequestError(400) if the client leaves mid-body.
+    Cancelled, it leaves the rest unread: answered early, hypercorn closes the
+    connection rather than read on, because the request did not end.
     """
     parts: list[bytes] = []
     size = 0

@@ -42,12 +42,12 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
-_OPTIONAL_TIMEOUTS = ("idle", "keepalive", "client_stall")
+_OPTIONAL_TIMEOUTS = ("idle", "keepalive", "client_stall", "request_body")
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. For the optional ones (idle, keepalive, client_stall) 0 means off.
+    """Seconds. For the optional ones (idle, keepalive, client_stall, request_body) 0 means off.
 
     Off is stored as ``math.inf``, so code never needs to special-case 0.
     """
@@ -58,9 +58,23 @@ class Timeouts:
     keepalive: float = 15.0  # upstream silence after which the client gets a comment
     client_stall: float = 60.0  # longest a client may refuse to take the next chunk
     shutdown: float = 30.0  # grace given to open exchanges on shutdown
+    # Longest wait for a whole request head, and idle time between requests on a
+    # kept-alive connection (hypercorn's keep_alive_timeout times both). Above
+    # httpx's 5 s keep-alive expiry, so SDK clients close idle connections first.
+    client_headers: float = 10.0
+    request_body: float = 60.0  # longest wait for a whole request body, however it trickles
 
     def __post_init__(self) -> None:
-        for name in ("connect", "first_byte", "idle", "keepalive", "client_stall", "shutdown"):
+        for name in (
+            "connect",
+            "first_byte",
+            "idle",
+            "keepalive",
+            "client_stall",
+            "shutdown",
+            "client_headers",
+            "request_body",
+        ):
             value = getattr(self, name)
             if value == 0 and name in _OPTIONAL_TIMEOUTS:
                 object.__setattr__(self, name, math.inf)
@@ -86,8 +100,16 @@ class ModelRoute:
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
+    """One client key: its hash, and what it may do (None: no restriction)."""
+
     name: str
     sha256: str = field(repr=False)
+    models: frozenset[str] | None = None  # public model names this key may use
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute, charged from reported usage
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +139,21 @@ class GatewayConfig:
                 "keys: no [[keys]] configured; add one (see `trio-gateway hash-key`) "
                 "or set [auth] allow_anonymous = true"
             )
+        seen: dict[tuple[str, str], int] = {}
+        for index, key in enumerate(self.keys):
+            # Limits and usage are per name; a repeated hash would shadow a key.
+            for field_name, value in (("name", key.name), ("sha256", key.sha256)):
+                if (field_name, value) in seen:
+                    earlier = seen[field_name, value]
+                    raise ConfigError(f"keys[{index}].{field_name}: the same as keys[{earlier}]")
+                seen[field_name, value] = index
+            unknown = sorted((key.models or frozenset()) - set(self.models))
+            if unknown:
+                raise ConfigError(f"keys[{index}].models: no model named {unknown[0]!r}")
         split_bind(self.bind)
 
-    def key_name(self, presented: str) -> str | None:
-        """Name of the configured key matching ``presented``, or None.
+    def find_key(self, presented: str) -> KeyEntry | None:
+        """The configured key matching ``presented``, or None.
 
         Compares SHA-256 digests in constant time against every entry, so
         timing does not reveal which entry (if any) came close.
@@ -129,7 +162,7 @@ class GatewayConfig:
         found = None
         for entry in self.keys:
             if hmac.compare_digest(digest, entry.sha256):
-                found = entry.name
+                found = entry
         return found
 
 
@@ -208,6 +241,24 @@ class _Table:
             raise ConfigError(f"{self.key_path(key)}: must be at least 1, got {value!r}")
         return int(value)
 
+    def count(self, key: str) -> int | None:
+        """A positive whole number, or None when absent."""
+        value = self._get(key, int, "a whole number")
+        if value is None:
+            return None
+        if value < 1:
+            raise ConfigError(f"{self.key_path(key)}: must be at least 1, got {value!r}")
+        return int(value)
+
+    def names(self, key: str) -> frozenset[str] | None:
+        """A list of non-empty strings, or None when absent."""
+        value = self._get(key, list, "a list of names")
+        if value is None:
+            return None
+        if not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"{self.key_path(key)}: expected a list of non-empty strings")
+        return frozenset(value)
+
     def table(self, key: str) -> _Table:
         self.used.add(key)
         return _Table(self.data.get(key, {}), self.key_path(key))
@@ -252,6 +303,8 @@ def parse_config(
         keepalive=t.seconds("keepalive", defaults.keepalive, zero_is_off=True),
         client_stall=t.seconds("client_stall", defaults.client_stall, zero_is_off=True),
         shutdown=t.seconds("shutdown", defaults.shutdown),
+        client_headers=t.seconds("client_headers", defaults.client_headers),
+        request_body=t.seconds("request_body", defaults.request_body, zero_is_off=True),
     )
     t.check_unknown()
 
@@ -308,8 +361,11 @@ def parse_config(
             raise ConfigError(
                 f"keys[{index}].sha256: expected 64 hex digits (`trio-gateway hash-key`)"
             )
+        allowed = k.names("models")
+        rpm = k.count("rpm")
+        tpm = k.count("tpm")
         k.check_unknown()
-        keys.append(KeyEntry(name, digest))
+        keys.append(KeyEntry(name, digest, models=allowed, rpm=rpm, tpm=tpm))
 
     base = base_dir or Path()
     accounting = root.table("accounting")

@@ -53,6 +53,7 @@ class FailureType(enum.StrEnum):
     IDLE_TIMEOUT = "idle_timeout"
     UPSTREAM_STATUS = "upstream_status"
     UPSTREAM_TOO_LARGE = "upstream_too_large"
+    UPSTREAM_INVALID = "upstream_invalid"  # a success answer that is not what was asked for
     REWRITE_ERROR = "rewrite_error"
     SHUTDOWN = "shutdown"
 

@@ -21,7 +21,9 @@ The rules every kind shares live here:
   ``charset=utf-8`` and both official SDKs decode strictly): raw bytes that
   are not valid UTF-8 go out with each invalid sequence replaced by U+FFFD,
   as the codec decoded them, and with their line structure intact;
-* a final event that lacked its blank line is delivered, terminated.
+* a final event that lacked its blank line is delivered, terminated;
+* the upstream's key, should the upstream echo it, goes out as
+  ``[redacted]``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
 __all__ = [
     "GATEWAY_COMMENT",
+    "REDACTED",
     "PassThroughPolicy",
     "Policy",
     "StreamRewriter",
@@ -44,6 +47,7 @@ __all__ = [
 ]
 
 GATEWAY_COMMENT = b": trio-gateway\n\n"
+REDACTED = b"[redacted]"
 DONE = b"data: [DONE]\n\n"
 _COST_FIELDS = ("cost", "cost_details", "is_byok")
 
@@ -164,13 +168,20 @@ def _valid_utf8(raw: bytes) -> bytes:
 class StreamRewriter:
     """Rewrites one event stream; see the module docstring for the rules."""
 
-    __slots__ = ("_decoder", "_held", "_policy", "_terminal", "saw_done")
+    __slots__ = ("_decoder", "_held", "_policy", "_secret", "_terminal", "saw_done")
 
-    def __init__(self, policy: Policy, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        secret: bytes = b"",
+    ) -> None:
         self._decoder = SSEDecoder(max_event_bytes)
         self._policy = policy
         self._terminal = policy.terminal_events
         self._held: list[bytes] | None = None  # a list once a terminal event arrived
+        self._secret = secret  # replaced with REDACTED wherever the upstream echoes it
         self.saw_done = False
 
     @property
@@ -179,14 +190,21 @@ class StreamRewriter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send for ``chunk`` (maybe empty). Raises SSEError on a runaway event."""
-        return self._render(self._decoder.feed(chunk), final=False)
+        return self._redacted(self._render(self._decoder.feed(chunk), final=False))
 
     def finish(self) -> bytes:
         """Bytes to send at a clean end of the upstream stream: held events, ``[DONE]`` last."""
         out = self._render(self._decoder.close(), final=True)
         if self._held:
             out += b"".join(self._held)
-        return out + DONE if self.saw_done else out
+        return self._redacted(out + DONE if self.saw_done else out)
+
+    def _redacted(self, out: bytes) -> bytes:
+        # Output is whole events and a key holds no line break, so a key is
+        # never split between two outputs. One C-speed search per read.
+        if self._secret and self._secret in out:
+            return out.replace(self._secret, REDACTED)
+        return out
 
     def fail(self, failure: Failure) -> bytes:
         """The kind's error event, instead of anything held and any unfinished event."""
@@ -226,20 +244,20 @@ def rewrite_json_body(
     free: bool,
     kind: str = "",
     extracted: Extracted | None = None,
-) -> bytes:
+) -> bytes | None:
     """A non-streamed answer with the public model name and, for free models, no cost.
 
     Every kind keeps ``model`` and ``usage`` at the top level of its JSON
-    body. A body that is not a JSON object is returned unchanged. With
-    ``extracted``, the usage the body reports (``kind`` decides where to look)
-    is read into it first.
+    body. None if the body is not a JSON object. With ``extracted``, the
+    usage the body reports (``kind`` decides where to look) is read into it
+    first.
     """
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body
+        return None
     if not isinstance(obj, dict):
-        return body
+        return None
     if extracted is not None:
         from_json_body(kind, obj, extracted)
     changed = set_model(obj, "model", public_model)

@@ -3,7 +3,12 @@
 Theory of operation: :func:`serve` runs hypercorn in a nursery of its own.
 Listening sockets carry ``TCP_USER_TIMEOUT`` = ``timeouts.client_stall``, so
 the kernel aborts a connection whose client stopped reading (see
-:class:`_Config`).
+:class:`_Config`). Hypercorn's keep-alive timer, ``timeouts.client_headers``,
+bounds the wait for a whole request head, however slowly it trickles; the app
+bounds the body (``timeouts.request_body``). HTTP/1.1 connections run
+:class:`_GatewayH11Protocol`, which refuses ambiguous framing (request
+smuggling) before the app sees it, and keeps hypercorn's reading task from
+writing over, or closing under, an answer the app is sending.
 When the shutdown trigger fires (SIGINT or SIGTERM by default) hypercorn
 stops accepting connections and gives open ones ``timeouts.shutdown`` plus a
 margin; meanwhile :meth:`Gateway.drain` lets open streams finish for
@@ -17,13 +22,19 @@ import math
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import h11
 import trio
+from hypercorn import protocol as hypercorn_protocol
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 
 from trio_gateway._app import Gateway
+from trio_gateway._kinds import Kind, error_body
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -54,11 +65,186 @@ class _Config(HypercornConfig):
         return sockets
 
 
+# The routes of Gateway._http, to answer a refused request in its endpoint's shape.
+_KINDS_BY_PATH = {"/v1" + kind.path: kind for kind in Kind}
+
+
+class _Connection(h11.Connection):
+    """h11's server side, noting whether the request being answered arrived whole."""
+
+    request_whole = False
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            self.request_whole = False
+        elif isinstance(event, h11.EndOfMessage):
+            self.request_whole = True
+        return event
+
+
+class _GatewayH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, hardened against hostile framing.
+
+    Hypercorn runs two tasks per connection: a reading task that parses with
+    h11, and the app's task that answers. Hypercorn lets both write to and
+    close the socket, which is where the troubles below come from. The rules
+    here: the reading task writes only while no app owns the request, and
+    once the app does, the connection closes only after the app's answer.
+
+    1. **Request smuggling.** h11 accepts both Content-Length and
+       Transfer-Encoding (chunked wins) and parses what follows as the next
+       request: a proxy in front that trusted Content-Length would see one
+       request where the gateway serves two (RFC 9112 section 6.3). Such a
+       request, and an HTTP/1.0 one with Transfer-Encoding (section 6.1), is
+       answered with a 400 in its endpoint's error shape before any app
+       sees it, and the connection is closed. (Refused in the app instead,
+       the 400 raced the reading task's close, and was often lost.)
+    2. **A protocol error while the app answers.** Stock hypercorn's reading
+       task then writes its own error answer over the app's, and may meet
+       the app closing the socket: the ``BusyResourceError`` that escapes
+       ends the whole server (one client, one packet, e.g. ``GET /healthz
+       HTTP/1.0`` and a byte after it). Here the reading task stays silent,
+       and the rest of the input is dropped unparsed; the connection closes
+       after the app's answer if the app has the whole request or has begun
+       to answer, else at once (the app sees a disconnect). A client so gets
+       a whole answer or none, never a cut one.
+    3. **Refusals the client can read.** h11's own refusals (conflicting
+       Content-Lengths, an unsupported or repeated Transfer-Encoding, a
+       malformed or oversized head) get a JSON body, and 400 in place of
+       h11's 501: a framing the gateway does not accept is the client's
+       mistake, and RFC 9112 requires 400 when chunked is not the final
+       coding, which h11 does not tell apart.
+    4. **HTTP/1.1 only.** ``Upgrade`` is ignored (RFC 9110 section 7.8):
+       the gateway has no WebSocket endpoint (stock hypercorn answered an
+       upgrade with 500, or left the connection open for good after a bad
+       handshake), and no HTTP/2 without TLS (h2c), whose connections the
+       timers here do not bound (a bare preface held one open for good). A
+       ``PRI`` request, HTTP/2's preface, is refused.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Upgrades are ignored, so this is never swapped for an H11WSConnection.
+        self.connection: _Connection = _Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
+        self._send_to_server = self.send
+        self.send = self._send_unless_answering
+        self._broken = False  # the input broke framing; it is no longer parsed
+
+    async def handle(self, event: Event) -> None:
+        """Handle ``event``; input after a framing error is dropped (then not a checkpoint)."""
+        if isinstance(event, RawData) and event.data and self._broken:
+            return  # dropped, not buffered: a client may keep sending
+        await super().handle(event)
+
+    async def _send_unless_answering(self, event: Event) -> None:
+        """Pass ``event`` to the connection, but no close that would cut the app's answer.
+
+        A checkpoint when it passes the event on.
+        """
+        # A Closed() while an app owns the request comes only from the reading
+        # task's error path (_maybe_recycle clears the stream before it closes).
+        if isinstance(event, Closed) and self.stream is not None:
+            self._broken = True
+            answering = self.connection.our_state not in {h11.IDLE, h11.SEND_RESPONSE}
+            if answering or self.connection.request_whole:
+                return  # the end of the app's answer closes the connection
+        await self._send_to_server(event)
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """Never switch to HTTP/2 (see 4. in the class docstring). Not a checkpoint."""
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        """Hand ``request`` to the app, or refuse it and close. A checkpoint."""
+        names = {name for name, _ in request.headers}
+        refusal = None
+        if b"transfer-encoding" in names:
+            if b"content-length" in names:
+                refusal = "the request has both Content-Length and Transfer-Encoding"
+            elif request.http_version == b"1.0":
+                refusal = "an HTTP/1.0 request cannot use Transfer-Encoding"
+        if refusal is not None:
+            path = request.target.partition(b"?")[0].decode("latin-1")
+            await self._refuse(_KINDS_BY_PATH.get(path), 400, refusal, "ambiguous_length")
+            await self.send(Closed())  # never read on: what follows may be a smuggled request
+        elif request.method == b"PRI":
+            message = "the gateway speaks HTTP/1.1 only"
+            await self._refuse(None, 400, message, "unsupported_protocol")
+            await self.send(Closed())
+        else:
+            if b"upgrade" in names:
+                request = h11.Request(
+                    method=request.method,
+                    target=request.target,
+                    headers=[
+                        (name, value) for name, value in request.headers if name != b"upgrade"
+                    ],
+                    http_version=request.http_version,
+                )
+            await super()._create_stream(request)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        """Refuse what h11 could not parse, unless an app answers (then not a checkpoint)."""
+        if self.stream is not None:
+            return  # the app answers this request: see 2. in the class docstring
+        if status_code == 431:
+            message = f"the request head is over {self.config.h11_max_incomplete_size} bytes"
+            await self._refuse(None, 431, message, "headers_too_large")
+        else:
+            message = "the request is not valid HTTP/1.1, or its framing is not supported"
+            await self._refuse(None, 400, message, "malformed_request")
+
+    async def _refuse(self, kind: Kind | None, status: int, message: str, code: str) -> None:
+        """Send a whole error answer that ends the connection. A checkpoint."""
+        body = error_body(kind, status, message, code)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+def _h11_protocol(app: Any, config: HypercornConfig, *args: Any, **kwargs: Any) -> H11Protocol:
+    """The HTTP/1.1 protocol for one connection: the gateway's for its own config."""
+    protocol = _GatewayH11Protocol if isinstance(config, _Config) else H11Protocol
+    return protocol(app, config, *args, **kwargs)
+
+
+def _install_protocol() -> None:
+    """Make hypercorn use :func:`_h11_protocol` for each new HTTP/1.1 connection.
+
+    Hypercorn has no setting for its protocol class: ``ProtocolWrapper`` looks
+    the name ``H11Protocol`` up in its module for each new connection, and the
+    alternative, copies of ``worker_serve`` and ``TCPServer.run``, would drift
+    from hypercorn. So the name is replaced, once per process, by a factory
+    that is scoped by config rather than by time: a connection whose config
+    is not a :class:`_Config` gets stock hypercorn, so another hypercorn
+    server in the same process is unaffected, even while the gateway runs.
+    """
+    # Not in hypercorn.protocol's __all__, hence the ignores.
+    if hypercorn_protocol.H11Protocol is not _h11_protocol:  # type: ignore[attr-defined]
+        hypercorn_protocol.H11Protocol = _h11_protocol  # type: ignore[attr-defined,assignment]
+
+
 def hypercorn_config(gateway: Gateway, bind: str) -> HypercornConfig:
-    """Hypercorn settings for ``gateway`` listening on ``bind`` (HOST:PORT)."""
+    """Hypercorn settings for ``gateway`` listening on ``bind`` (HOST:PORT).
+
+    Also installs the gateway's HTTP/1.1 protocol (see :func:`_install_protocol`).
+    """
+    _install_protocol()
     config = _Config()
-    stall = gateway.config.timeouts.client_stall
+    timeouts = gateway.config.timeouts
+    stall = timeouts.client_stall
     config.stall_ms = None if math.isinf(stall) else max(1, round(stall * 1000))
+    # Started when a connection opens or a response ends, stopped only when a
+    # whole request head has arrived: a trickled head does not restart it.
+    config.keep_alive_timeout = timeouts.client_headers
     config.bind = [bind]
     config.graceful_timeout = gateway.config.timeouts.shutdown + _SEND_MARGIN
     config.accesslog = None

@@ -14,6 +14,7 @@ credentials and every other client header stay behind.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
 from typing import cast
@@ -30,8 +31,10 @@ __all__ = [
     "ExchangeControl",
     "UpstreamError",
     "Upstreams",
+    "bad_forwarded_header",
     "close_response",
     "failure_of",
+    "is_field_value",
     "next_chunk",
     "raw_chunks",
     "upstream_errors",
@@ -39,6 +42,10 @@ __all__ = [
 
 # Client headers that carry API semantics (versions, beta features), not identity.
 FORWARDED_CLIENT_HEADERS = frozenset({b"anthropic-version", b"anthropic-beta", b"openai-beta"})
+# What a forwarded value may hold: visible ASCII, spaces and tabs (RFC 9110
+# field-value, without obs-text), so no CR, LF or NUL can reach an upstream
+# header line whatever the server in front let through.
+_FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*")
 _CLOSE_GRACE = 2.0  # seconds a cancelled request may spend closing its upstream socket
 
 
@@ -121,6 +128,19 @@ class ExchangeControl:
         """Raise UpstreamError if the exchange was stopped. Not a checkpoint."""
         if self.failure is not None:
             raise UpstreamError(self.failure)
+
+
+def is_field_value(value: bytes) -> bool:
+    """Whether ``value`` may go into an upstream header line as it is."""
+    return _FIELD_VALUE.fullmatch(value) is not None
+
+
+def bad_forwarded_header(client_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The name of a forwarded client header whose value is not plain visible ASCII, or None."""
+    for name, value in client_headers:
+        if name in FORWARDED_CLIENT_HEADERS and not is_field_value(value):
+            return name.decode("ascii")
+    return None
 
 
 def raw_chunks(response: httpx.Response) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
