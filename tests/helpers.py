@@ -122,6 +122,15 @@ class FakeUpstream(httpx.AsyncBaseTransport):
         return value
 
 
+def paced(chunks: Sequence[bytes], gap: float = 0.01) -> list[BodyStep]:
+    """``chunks`` as if each came in a network read of its own, ``gap`` seconds apart.
+
+    Without pauses every chunk is there at once, like many chunks in one read,
+    and the writer may gather them all into one send.
+    """
+    return [step for chunk in chunks for step in (gap, chunk)]
+
+
 def make_config(
     *,
     free: bool = True,

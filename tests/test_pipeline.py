@@ -27,11 +27,12 @@ from tests.helpers import (
     FakeBody,
     FakeResponse,
     make_gateway,
+    paced,
     sse,
 )
 from trio_gateway._config import Timeouts
 from trio_gateway._kinds import Failure, FailureType
-from trio_gateway._pipeline import KEEPALIVE_COMMENT, stream_events
+from trio_gateway._pipeline import _BATCH_BYTES, KEEPALIVE_COMMENT, stream_events
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._rewrite import GATEWAY_COMMENT, StreamRewriter
 from trio_gateway._upstream import ExchangeControl
@@ -310,13 +311,14 @@ async def test_stalled_client_releases_upstream(autojump_clock: trio.testing.Moc
     data = stream_bytes("chat")
     events = [raw + b"\n\n" for raw in data.split(b"\n\n") if raw]
     timeouts = Timeouts(client_stall=20, keepalive=0)
-    gateway, upstream = make_gateway(FakeResponse(body=events), timeouts=timeouts)
+    gateway, upstream = make_gateway(FakeResponse(body=paced(events)), timeouts=timeouts)
     call = request_for("chat")
     call.reading = trio.Event()  # the client never reads
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call.run, gateway)
         await trio.sleep(25)
-        assert upstream.bodies[0].closed_at == pytest.approx(20)
+        # The second chunk came at 0.02 s and waited client_stall for the client.
+        assert upstream.bodies[0].closed_at == pytest.approx(0.02 + 20)
         assert not call.parts
         call.reading.set()  # the client wakes up: it learns the stream failed
     last = orjson.loads(call.events[-1].data or "")
@@ -325,7 +327,9 @@ async def test_stalled_client_releases_upstream(autojump_clock: trio.testing.Moc
 
 
 async def test_slow_client_slows_the_upstream_read(autojump_clock: trio.testing.MockClock):
-    chunk = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    # 8 KiB events: a batch the writer gathers holds at most 64 KiB of them.
+    chunk = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": [], "pad": "x" * 8150})[0]
+    assert 8192 <= len(chunk) < 8300
     gateway, upstream = make_gateway(FakeResponse(body=[chunk] * 200 + sse("[DONE]")))
     call = request_for("chat", send_delay=1.0)
     lead = []
@@ -333,16 +337,20 @@ async def test_slow_client_slows_the_upstream_read(autojump_clock: trio.testing.
     async def watch() -> None:
         while not call.ended:
             if upstream.bodies:
-                lead.append(upstream.bodies[0].chunks_yielded - len(call.parts))
+                taken = sum(part.count(b"\n\n") for part in call.parts)  # one event a chunk
+                lead.append(upstream.bodies[0].chunks_yielded - taken)
             await trio.sleep(0.5)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call.run, gateway)
         nursery.start_soon(watch)
-    assert len(call.parts) == 201
-    # The reader is never more than the chunk in the writer's hands and the
-    # one waiting to be handed over ahead of what the client has taken.
-    assert max(lead) <= 2
+    assert len([event for event in call.events if event.data != "[DONE]"]) == 200
+    assert call.events[-1].data == "[DONE]"
+    # The reader is never more than the batch in the writer's hands (up to
+    # _BATCH_BYTES of chunks that arrived together) and the one chunk waiting
+    # to be handed over ahead of what the client has taken.
+    assert max(lead) <= -(-_BATCH_BYTES // len(chunk)) + 2  # a batch stops once past the cap
+    assert 200 / 10 <= len(call.parts) < 200 / 4  # batches did form
 
 
 async def test_runaway_event_is_a_rewrite_error(autojump_clock: trio.testing.MockClock):

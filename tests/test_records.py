@@ -22,6 +22,7 @@ from tests.helpers import (
     FakeResponse,
     FakeUpstream,
     make_config,
+    paced,
 )
 from tests.test_pipeline import KINDS, request_for, stream_bytes
 from trio_gateway._app import Gateway
@@ -277,7 +278,9 @@ async def test_stalled_client_and_shutdown_and_runaway_events_are_recorded(
     stalled_sink, shutdown_sink, runaway_sink = ListSink(), ListSink(), ListSink()
     events = [raw + b"\n\n" for raw in stream_bytes("chat").split(b"\n\n") if raw]
     gateway, _ = gateway_with(
-        FakeResponse(body=events), stalled_sink, timeouts=Timeouts(client_stall=10, keepalive=0)
+        FakeResponse(body=paced(events)),
+        stalled_sink,
+        timeouts=Timeouts(client_stall=10, keepalive=0),
     )
     stalled = request_for("chat")
     stalled.reading = trio.Event()

@@ -19,7 +19,7 @@ Theory of operation
    gateway's own added latency come through the
    :class:`~trio_gateway._pipeline.StreamObserver` calls
    (:meth:`GatewayMetrics.keepalive_sent`,
-   :meth:`GatewayMetrics.chunk_forwarded`), made per chunk on the hot path:
+   :meth:`GatewayMetrics.chunk_forwarded`), made per send on the hot path:
    they touch metrics without labels, bound at construction, so no label
    is looked up per call (about 1 µs each).
 4. **The usage store's health is read at scrape time.** A collector reads
@@ -245,7 +245,7 @@ class GatewayMetrics:
         self._added_latency = Histogram(
             PREFIX + "added_latency_seconds",
             "Seconds from an upstream chunk's arrival to its rewritten bytes being handed "
-            "to the server for the client: the gateway's own delay, per chunk.",
+            "to the server for the client: the gateway's own delay, per send.",
             registry=r,
             buckets=ADDED_LATENCY_BUCKETS,
         )
@@ -301,7 +301,7 @@ class GatewayMetrics:
         self._keepalives.inc()
 
     def chunk_forwarded(self, latency: float) -> None:
-        """One chunk's bytes were handed to the server ``latency`` seconds after arriving."""
+        """Bytes were handed to the server ``latency`` seconds after their first chunk arrived."""
         self._added_latency.observe(latency)
 
     def observe_added_latency(self, seconds: float) -> None:

@@ -14,15 +14,17 @@ zero-buffer memory channel::
    it over, and only then reads again. A zero-buffer channel means the
    hand-over completes only when the writer takes the chunk, so a slow client
    slows the upstream read: backpressure is the structure, not a policy.
-   Memory in flight is bounded by the chunk being handed over, the chunk the
-   writer is sending, and the rewriter's unfinished event (at most
-   ``max_event_bytes``). The reader closes the upstream response on every
+   Memory in flight is bounded by the chunk being handed over, the batch the
+   writer is sending (at most ``_BATCH_BYTES`` of chunks that one upstream
+   read brought in, see :func:`_write_client`), and the rewriter's
+   unfinished event (at most ``max_event_bytes``). The reader closes the upstream response on every
    way out (shielded, bounded): that socket closing is what makes a provider
    stop generating and billing.
 2. **The writer (the request's own task) owns the receive end.** It feeds each
    chunk to the :class:`~trio_gateway._rewrite.StreamRewriter` inline (pure
    CPU work; a task of its own would add a switch per chunk and overlap
-   nothing) and sends the whole items that come out. Because it only ever
+   nothing) and sends the whole items that come out, those of several chunks
+   in one send when the reader can hand them over without a network read. Because it only ever
    sends whole items, the keepalive comment it sends after ``keepalive``
    seconds without a chunk can never split an event.
 3. **Failures travel as data.** An upstream error after headers (reset,
@@ -77,6 +79,7 @@ from trio_gateway.sse import SSEError
 __all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamObserver", "StreamResult", "stream_events"]
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
+_BATCH_BYTES = 64 * 1024  # the most rewritten bytes gathered for one send
 
 
 class StreamObserver(Protocol):
@@ -86,10 +89,10 @@ class StreamObserver(Protocol):
         """A keepalive comment went to the client."""
 
     def chunk_forwarded(self, latency: float) -> None:
-        """Rewritten bytes of one upstream chunk were handed to the server.
+        """Rewritten bytes of one or more upstream chunks (a batch) were handed to the server.
 
         ``latency`` is the gateway's own added delay: seconds from the
-        chunk's arrival from upstream to that hand-off.
+        arrival from upstream of the batch's first chunk to that hand-off.
         """
 
 
@@ -189,6 +192,26 @@ async def _pump(
     return None
 
 
+class _Batch:
+    """Rewritten bytes gathered for one send, and when their first chunk arrived."""
+
+    __slots__ = ("arrived_at", "data")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.arrived_at = 0.0
+
+    def add(self, out: bytes, arrived_at: float) -> None:
+        if out:
+            if not self.data:
+                self.arrived_at = arrived_at
+            self.data += out
+
+    def take(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
 async def _write_client(
     from_reader: trio.MemoryReceiveChannel[_ChannelItem],
     rewriter: StreamRewriter,
@@ -202,31 +225,65 @@ async def _write_client(
     Returns the ending to send once the upstream is closed: the clean tail,
     or the error event if the stream failed. Like the reader, it keeps one
     cancel scope for as long as no keepalive fires, moving its deadline.
+
+    **Batching.** One upstream read often brings many chunks (a provider
+    flushes each event as an HTTP chunk, and httpx yields them one by one),
+    and one send per chunk would cost a system call each. When the reader
+    is ahead (a chunk was waiting), the writer lets it run once more and
+    takes what it hands over without waiting on the network, then sends all
+    of it at once, up to ``_BATCH_BYTES``. A chunk the writer had to wait
+    for is sent at once, so batching never delays bytes to wait for more.
     """
+    batch = _Batch()
+
+    async def flush() -> None:
+        data = batch.take()
+        if observer is not None:
+            observer.chunk_forwarded(trio.current_time() - batch.arrived_at)
+        await body.send(data)
+        if result.first_content_at is None and rewriter.policy.content_started:
+            result.first_content_at = trio.current_time()
+
     with from_reader:
         while True:
             with trio.CancelScope() as quiet:
+                yields_left = 0  # scheduler passes to give a reader that is ahead
                 while True:
-                    quiet.deadline = trio.current_time() + keepalive
                     try:
-                        item = await from_reader.receive()
+                        item = from_reader.receive_nowait()
+                    except trio.WouldBlock:
+                        if yields_left:  # it may hold chunks that need no network read
+                            # Two passes: Trio may run the writer first in the next one.
+                            yields_left -= 1
+                            await trio.lowlevel.checkpoint()
+                            continue
+                        if batch.data:
+                            await flush()
+                            continue
+                        quiet.deadline = trio.current_time() + keepalive
+                        try:
+                            item = await from_reader.receive()
+                        except trio.EndOfChannel:
+                            return _clean_ending(rewriter, result)
+                        quiet.deadline = math.inf  # never while sending
                     except trio.EndOfChannel:
-                        return _clean_ending(rewriter, result)
-                    quiet.deadline = math.inf  # never while sending
-                    if isinstance(item, Failure):
+                        item = None
+                    else:
+                        yields_left = 2 if len(batch.data) < _BATCH_BYTES else 0
+                    if item is None or isinstance(item, Failure):
+                        if batch.data:  # events before the end go out as they would have
+                            await flush()
+                        if item is None:
+                            return _clean_ending(rewriter, result)
                         result.failure = item
                         return rewriter.fail(item)
                     try:
-                        out = rewriter.feed(item)
+                        batch.add(rewriter.feed(item), result.arrived_at)
                     except SSEError as exc:
+                        if batch.data:
+                            await flush()
                         result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
                         return rewriter.fail(result.failure)
-                    if out:
-                        if observer is not None:
-                            observer.chunk_forwarded(trio.current_time() - result.arrived_at)
-                        await body.send(out)
-                        if result.first_content_at is None and rewriter.policy.content_started:
-                            result.first_content_at = trio.current_time()
             await body.send(KEEPALIVE_COMMENT)
             if observer is not None:
                 observer.keepalive_sent()
