@@ -32,7 +32,13 @@ from tests.helpers import (
 )
 from trio_gateway._config import Timeouts
 from trio_gateway._kinds import Failure, FailureType
-from trio_gateway._pipeline import _BATCH_BYTES, KEEPALIVE_COMMENT, stream_events
+from trio_gateway._pipeline import (
+    _BATCH_BYTES,
+    _BATCH_SECONDS,
+    KEEPALIVE_COMMENT,
+    _Batch,
+    stream_events,
+)
 from trio_gateway._policy_messages import MessagesPolicy
 from trio_gateway._rewrite import GATEWAY_COMMENT, StreamRewriter
 from trio_gateway._upstream import ExchangeControl
@@ -651,3 +657,18 @@ async def test_upstream_key_echoed_in_a_stream_is_redacted(
     assert call.text.count(b"[redacted]") == 3
     assert b"data: not json, but it quotes Bearer [redacted]\n\n" in call.text
     assert call.events[-1].data == "[DONE]"
+
+
+async def test_a_batch_is_full_at_its_size_or_after_its_time(
+    autojump_clock: trio.testing.MockClock,
+):
+    """Gathering stops at _BATCH_BYTES, or once it has taken _BATCH_SECONDS of passes."""
+    batch = _Batch()
+    assert not batch.full(), "an empty batch waits for its first chunk"
+    batch.add(b"x" * 100, arrived_at=trio.current_time())
+    assert not batch.full()
+    autojump_clock.jump(_BATCH_SECONDS)
+    assert batch.full(), "a busy scheduler must not hold an event back for long"
+    assert batch.take() == b"x" * 100
+    batch.add(b"y" * _BATCH_BYTES, arrived_at=trio.current_time())
+    assert batch.full()

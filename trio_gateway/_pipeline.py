@@ -80,6 +80,9 @@ __all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamObserver", "StreamResult", 
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 _BATCH_BYTES = 64 * 1024  # the most rewritten bytes gathered for one send
+# The longest a batch may wait for more: each pass of a busy scheduler runs
+# every other stream, so gathering must not cost an event more than this.
+_BATCH_SECONDS = 0.001
 
 
 class StreamObserver(Protocol):
@@ -193,19 +196,29 @@ async def _pump(
 
 
 class _Batch:
-    """Rewritten bytes gathered for one send, and when their first chunk arrived."""
+    """Rewritten bytes gathered for one send: when their first chunk arrived from
+    upstream, and when the writer began gathering them."""
 
-    __slots__ = ("arrived_at", "data")
+    __slots__ = ("arrived_at", "data", "started_at")
 
     def __init__(self) -> None:
         self.data = b""
         self.arrived_at = 0.0
+        self.started_at = 0.0
 
     def add(self, out: bytes, arrived_at: float) -> None:
         if out:
             if not self.data:
                 self.arrived_at = arrived_at
+                self.started_at = trio.current_time()
             self.data += out
+
+    def full(self) -> bool:
+        """Whether to send now rather than wait for the reader's next chunk."""
+        return bool(self.data) and (
+            len(self.data) >= _BATCH_BYTES
+            or trio.current_time() - self.started_at >= _BATCH_SECONDS
+        )
 
     def take(self) -> bytes:
         data, self.data = self.data, b""
@@ -231,8 +244,9 @@ async def _write_client(
     and one send per chunk would cost a system call each. When the reader
     is ahead (a chunk was waiting), the writer lets it run once more and
     takes what it hands over without waiting on the network, then sends all
-    of it at once, up to ``_BATCH_BYTES``. A chunk the writer had to wait
-    for is sent at once, so batching never delays bytes to wait for more.
+    of it at once, up to ``_BATCH_BYTES``, and for at most ``_BATCH_SECONDS``
+    (a pass of a busy scheduler can take milliseconds). A chunk the writer
+    had to wait for is sent at once: batching never waits on the network.
     """
     batch = _Batch()
 
@@ -269,7 +283,7 @@ async def _write_client(
                     except trio.EndOfChannel:
                         item = None
                     else:
-                        yields_left = 2 if len(batch.data) < _BATCH_BYTES else 0
+                        yields_left = 0 if batch.full() else 2
                     if item is None or isinstance(item, Failure):
                         if batch.data:  # events before the end go out as they would have
                             await flush()
