@@ -82,7 +82,7 @@ KEEPALIVE_COMMENT = b": keepalive\n\n"
 _BATCH_BYTES = 64 * 1024  # the most rewritten bytes gathered for one send
 # The longest a batch may wait for more: each pass of a busy scheduler runs
 # every other stream, so gathering must not cost an event more than this.
-_BATCH_SECONDS = 0.001
+_BATCH_SECONDS = 0.005
 
 
 class StreamObserver(Protocol):
