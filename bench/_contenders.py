@@ -1,0 +1,258 @@
+"""The contenders: what sits between the load generator and the mock upstream.
+
+* ``direct``: nothing; the client talks to the mock itself.
+* ``bare``: :mod:`bench._bare`, a hypercorn + httpx pass-through (our stack's floor).
+* ``gateway``: ``trio-gateway serve`` with a free-model alias, so every event is rewritten.
+* ``litellm``: the LiteLLM proxy, when a ``litellm`` executable is found
+  (``$TRIO_GATEWAY_BENCH_LITELLM``, else ``PATH``).
+* ``nginx``: nginx with ``proxy_buffering off``, when an ``nginx`` executable is
+  found (``$TRIO_GATEWAY_BENCH_NGINX``, else ``PATH``).
+
+A missing optional peer is skipped with a note, never replaced by anything.
+Each contender serves on a free loopback port, in its own process, with its
+output in the run's work folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bench._procs import Server, free_port, running
+from trio_gateway._config import hash_key
+
+__all__ = [
+    "CLIENT_KEY",
+    "PUBLIC_MODEL",
+    "UPSTREAM_MODEL",
+    "Contender",
+    "Endpoint",
+    "all_contenders",
+    "bench_env",
+]
+
+CLIENT_KEY = "bench-client-key"
+# LiteLLM refuses to start without a master key that looks strong: "sk-" and 64 hex digits.
+_LITELLM_KEY = "sk-" + hash_key(CLIENT_KEY)
+PUBLIC_MODEL = "bench/free-model"
+UPSTREAM_MODEL = "mock-vendor/model:free"
+_UPSTREAM_KEY_ENV = "TRIO_GATEWAY_BENCH_UPSTREAM_KEY"
+_ALL_KINDS = frozenset({"chat", "messages", "responses"})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the load generator sends requests, and the process to watch (None for direct)."""
+
+    port: int
+    model: str
+    server: Server | None
+    key: str = CLIENT_KEY
+
+
+class Contender(Protocol):
+    """One way of serving the mock's streams to the client."""
+
+    name: str
+    kinds: frozenset[str]
+    """The API kinds it is measured on."""
+
+    def missing(self) -> str | None:
+        """Why it cannot run here, or None when it can."""
+
+    def start(self, mock_port: int, workdir: Path) -> AbstractAsyncContextManager[Endpoint]:
+        """Start it in front of the mock; stop it on exit. Entering is a checkpoint."""
+
+
+class Direct:
+    name = "direct"
+    kinds = _ALL_KINDS
+
+    def missing(self) -> str | None:
+        return None
+
+    @asynccontextmanager
+    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+        yield Endpoint(mock_port, UPSTREAM_MODEL, None)
+
+
+class Bare:
+    name = "bare"
+    kinds = _ALL_KINDS
+
+    def missing(self) -> str | None:
+        return None
+
+    @asynccontextmanager
+    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench._bare", "--port", str(port)]
+        argv += ["--upstream", f"http://127.0.0.1:{mock_port}"]
+        async with running(self.name, argv, port, workdir, env=bench_env()) as server:
+            yield Endpoint(port, UPSTREAM_MODEL, server)
+
+
+class Gateway:
+    name = "gateway"
+    kinds = _ALL_KINDS
+
+    def missing(self) -> str | None:
+        return None
+
+    @asynccontextmanager
+    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+        port = free_port()
+        config = workdir / f"gateway-{port}.toml"
+        config.write_text(gateway_config(mock_port, port, workdir))
+        argv = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
+        env = bench_env() | {_UPSTREAM_KEY_ENV: "bench-upstream-key"}
+        async with running(self.name, argv, port, workdir, env=env) as server:
+            yield Endpoint(port, PUBLIC_MODEL, server)
+
+
+def gateway_config(mock_port: int, port: int, workdir: Path) -> str:
+    """The gateway's TOML: defaults everywhere except a short shutdown and files in ``workdir``.
+
+    Accounting and the request log stay on, as in production, each in a
+    file of its own for this server.
+    """
+    return f"""\
+[server]
+bind = "127.0.0.1:{port}"
+
+[timeouts]
+shutdown = 2
+
+[upstreams.mock]
+base_url = "http://127.0.0.1:{mock_port}/v1"
+api_key_env = "{_UPSTREAM_KEY_ENV}"
+
+[models."{PUBLIC_MODEL}"]
+upstream = "mock"
+upstream_model = "{UPSTREAM_MODEL}"
+free = true
+
+[[keys]]
+name = "bench"
+sha256 = "{hash_key(CLIENT_KEY)}"
+
+[accounting]
+database = "{workdir / f"usage-{port}.db"}"
+
+[log]
+destination = "{workdir / f"requests-{port}.log"}"
+"""
+
+
+class LiteLLM:
+    name = "litellm"
+    kinds = frozenset({"chat"})  # it would translate the others to chat: not the same work
+
+    def __init__(self) -> None:
+        self.executable = _find("litellm", "TRIO_GATEWAY_BENCH_LITELLM")
+
+    def missing(self) -> str | None:
+        if self.executable is None:
+            return "no litellm executable ($TRIO_GATEWAY_BENCH_LITELLM or PATH)"
+        return None
+
+    @asynccontextmanager
+    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+        assert self.executable is not None
+        port = free_port()
+        config = workdir / f"litellm-{port}.yaml"
+        config.write_text(f"""\
+model_list:
+  - model_name: {PUBLIC_MODEL}
+    litellm_params:
+      model: openai/{UPSTREAM_MODEL}
+      api_base: http://127.0.0.1:{mock_port}/v1
+      api_key: bench-upstream-key
+general_settings:
+  master_key: {_LITELLM_KEY}
+""")
+        argv = [self.executable, "--config", str(config), "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--num_workers", "1"]
+        # No network: the bundled model cost map, no telemetry.
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        env |= {"LITELLM_TELEMETRY": "False", "NO_COLOR": "1"}
+        async with running(self.name, argv, port, workdir, env=env, ready_timeout=120) as server:
+            yield Endpoint(port, PUBLIC_MODEL, server, _LITELLM_KEY)
+
+
+class Nginx:
+    name = "nginx"
+    kinds = _ALL_KINDS
+
+    def __init__(self) -> None:
+        self.executable = _find("nginx", "TRIO_GATEWAY_BENCH_NGINX")
+
+    def missing(self) -> str | None:
+        if self.executable is None:
+            return "no nginx executable ($TRIO_GATEWAY_BENCH_NGINX or PATH)"
+        return None
+
+    @asynccontextmanager
+    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+        assert self.executable is not None
+        port = free_port()
+        prefix = workdir / f"nginx-{port}"
+        prefix.mkdir()
+        config = prefix / "nginx.conf"
+        config.write_text(nginx_config(mock_port, port, prefix))
+        argv = [self.executable, "-p", str(prefix), "-c", str(config), "-e", "stderr"]
+        async with running(self.name, argv, port, workdir) as server:
+            yield Endpoint(port, UPSTREAM_MODEL, server)
+
+
+def nginx_config(mock_port: int, port: int, prefix: Path) -> str:
+    """One nginx process (no master) proxying to the mock, unbuffered both ways."""
+    return f"""\
+daemon off;
+master_process off;
+worker_rlimit_nofile 8192;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+def all_contenders() -> list[Contender]:
+    """Every contender, in table order: the baselines, ours, then the peers."""
+    return [Direct(), Bare(), Gateway(), LiteLLM(), Nginx()]
+
+
+def _find(program: str, variable: str) -> str | None:
+    return os.environ.get(variable) or shutil.which(program)
+
+
+def bench_env() -> dict[str, str]:
+    """Put this clone first on the path of ``python -m``, whatever the working folder.
+
+    So ``bench.<module>`` imports, and the gateway and mock measured are this
+    clone's code even when ``trio_gateway`` is installed elsewhere (not editable).
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
