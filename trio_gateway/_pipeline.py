@@ -15,18 +15,18 @@ zero-buffer memory channel::
    hand-over completes only when the writer takes the chunk, so a slow client
    slows the upstream read: backpressure is the structure, not a policy.
    Memory in flight is bounded by the chunk being handed over, the batch the
-   writer is sending (at most ``_BATCH_BYTES`` of chunks that one upstream
-   read brought in, see :func:`_write_client`), and the rewriter's
-   unfinished event (at most ``max_event_bytes``). The reader closes the upstream response on every
-   way out (shielded, bounded): that socket closing is what makes a provider
-   stop generating and billing.
+   writer is sending (about ``_BATCH_BYTES`` of chunks that had already
+   arrived, see :func:`_write_client`), and the rewriter's unfinished event
+   (at most ``max_event_bytes``). The reader closes the upstream response on
+   every way out (shielded, bounded): that socket closing is what makes a
+   provider stop generating and billing.
 2. **The writer (the request's own task) owns the receive end.** It feeds each
    chunk to the :class:`~trio_gateway._rewrite.StreamRewriter` inline (pure
    CPU work; a task of its own would add a switch per chunk and overlap
    nothing) and sends the whole items that come out, those of several chunks
-   in one send when the reader can hand them over without a network read. Because it only ever
-   sends whole items, the keepalive comment it sends after ``keepalive``
-   seconds without a chunk can never split an event.
+   in one send when the reader can hand them over without a network read.
+   Because it only ever sends whole items, the keepalive comment it sends
+   after ``keepalive`` seconds without a chunk can never split an event.
 3. **Failures travel as data.** An upstream error after headers (reset,
    truncation, idle timeout, shutdown) is caught at the boundary in the reader
    and handed over as a :class:`~trio_gateway._kinds.Failure`. The writer
@@ -196,8 +196,11 @@ async def _pump(
 
 
 class _Batch:
-    """Rewritten bytes gathered for one send: when their first chunk arrived from
-    upstream, and when the writer began gathering them."""
+    """Rewritten bytes gathered for one send, with when and since when they waited.
+
+    ``arrived_at``: when the first chunk came from upstream (for the added
+    latency metric); ``started_at``: when the writer began gathering.
+    """
 
     __slots__ = ("arrived_at", "data", "started_at")
 
@@ -242,11 +245,12 @@ async def _write_client(
     **Batching.** One upstream read often brings many chunks (a provider
     flushes each event as an HTTP chunk, and httpx yields them one by one),
     and one send per chunk would cost a system call each. When the reader
-    is ahead (a chunk was waiting), the writer lets it run once more and
-    takes what it hands over without waiting on the network, then sends all
-    of it at once, up to ``_BATCH_BYTES``, and for at most ``_BATCH_SECONDS``
-    (a pass of a busy scheduler can take milliseconds). A chunk the writer
-    had to wait for is sent at once: batching never waits on the network.
+    is ahead (a chunk was waiting), the writer gives it two scheduler passes
+    to hand over its next chunk, which it has only if no network read was
+    needed, and so on; then it sends all it gathered at once, up to
+    ``_BATCH_BYTES`` and for at most ``_BATCH_SECONDS`` (a pass of a busy
+    scheduler can take milliseconds). A chunk the writer had to wait for is
+    sent at once: batching never waits on the network.
     """
     batch = _Batch()
 
