@@ -202,29 +202,34 @@ class _Batch:
     latency metric); ``started_at``: when the writer began gathering.
     """
 
-    __slots__ = ("arrived_at", "data", "started_at")
+    __slots__ = ("arrived_at", "parts", "size", "started_at")
 
     def __init__(self) -> None:
-        self.data = b""
+        # Joined once, at take(): adding to one bytes object would copy it per chunk.
+        self.parts: list[bytes] = []
+        self.size = 0
         self.arrived_at = 0.0
         self.started_at = 0.0
 
     def add(self, out: bytes, arrived_at: float) -> None:
         if out:
-            if not self.data:
+            if not self.size:
                 self.arrived_at = arrived_at
                 self.started_at = trio.current_time()
-            self.data += out
+            self.parts.append(out)
+            self.size += len(out)
 
     def full(self) -> bool:
         """Whether to send now rather than wait for the reader's next chunk."""
-        return bool(self.data) and (
-            len(self.data) >= _BATCH_BYTES
-            or trio.current_time() - self.started_at >= _BATCH_SECONDS
+        return self.size > 0 and (
+            self.size >= _BATCH_BYTES or trio.current_time() - self.started_at >= _BATCH_SECONDS
         )
 
     def take(self) -> bytes:
-        data, self.data = self.data, b""
+        """The gathered bytes (one chunk's go out as they are, uncopied); empties the batch."""
+        data = b"".join(self.parts)
+        self.parts.clear()
+        self.size = 0
         return data
 
 
@@ -275,7 +280,7 @@ async def _write_client(
                             yields_left -= 1
                             await trio.lowlevel.checkpoint()
                             continue
-                        if batch.data:
+                        if batch.size:
                             await flush()
                             continue
                         quiet.deadline = trio.current_time() + keepalive
@@ -289,7 +294,7 @@ async def _write_client(
                     else:
                         yields_left = 0 if batch.full() else 2
                     if item is None or isinstance(item, Failure):
-                        if batch.data:  # events before the end go out as they would have
+                        if batch.size:  # events before the end go out as they would have
                             await flush()
                         if item is None:
                             return _clean_ending(rewriter, result)
@@ -298,7 +303,7 @@ async def _write_client(
                     try:
                         batch.add(rewriter.feed(item), result.arrived_at)
                     except SSEError as exc:
-                        if batch.data:
+                        if batch.size:
                             await flush()
                         result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
                         return rewriter.fail(result.failure)
