@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from bench._procs import Server, free_port, running
 from trio_gateway._config import hash_key
@@ -70,24 +70,40 @@ class Contender(Protocol):
         """Start it in front of the mock; stop it on exit. Entering is a checkpoint."""
 
 
-class Direct:
-    name = "direct"
+class _Ours:
+    """A contender this repository provides: always there, measured on every kind."""
+
     kinds = _ALL_KINDS
 
     def missing(self) -> str | None:
         return None
+
+
+class _Peer:
+    """An optional peer: the ``program`` found through ``$variable``, else ``PATH``."""
+
+    program: ClassVar[str]
+    variable: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.executable = os.environ.get(self.variable) or shutil.which(self.program)
+
+    def missing(self) -> str | None:
+        if self.executable is None:
+            return f"no {self.program} executable (${self.variable} or PATH)"
+        return None
+
+
+class Direct(_Ours):
+    name = "direct"
 
     @asynccontextmanager
     async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
         yield Endpoint(mock_port, UPSTREAM_MODEL, None)
 
 
-class Bare:
+class Bare(_Ours):
     name = "bare"
-    kinds = _ALL_KINDS
-
-    def missing(self) -> str | None:
-        return None
 
     @asynccontextmanager
     async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
@@ -98,12 +114,8 @@ class Bare:
             yield Endpoint(port, UPSTREAM_MODEL, server)
 
 
-class Gateway:
+class Gateway(_Ours):
     name = "gateway"
-    kinds = _ALL_KINDS
-
-    def missing(self) -> str | None:
-        return None
 
     @asynccontextmanager
     async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
@@ -150,17 +162,11 @@ destination = "{workdir / f"requests-{port}.log"}"
 """
 
 
-class LiteLLM:
+class LiteLLM(_Peer):
     name = "litellm"
+    program = "litellm"
+    variable = "TRIO_GATEWAY_BENCH_LITELLM"
     kinds = frozenset({"chat"})  # it would translate the others to chat: not the same work
-
-    def __init__(self) -> None:
-        self.executable = _find("litellm", "TRIO_GATEWAY_BENCH_LITELLM")
-
-    def missing(self) -> str | None:
-        if self.executable is None:
-            return "no litellm executable ($TRIO_GATEWAY_BENCH_LITELLM or PATH)"
-        return None
 
     @asynccontextmanager
     async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
@@ -186,17 +192,11 @@ general_settings:
             yield Endpoint(port, PUBLIC_MODEL, server, _LITELLM_KEY)
 
 
-class Nginx:
+class Nginx(_Peer):
     name = "nginx"
+    program = "nginx"
+    variable = "TRIO_GATEWAY_BENCH_NGINX"
     kinds = _ALL_KINDS
-
-    def __init__(self) -> None:
-        self.executable = _find("nginx", "TRIO_GATEWAY_BENCH_NGINX")
-
-    def missing(self) -> str | None:
-        if self.executable is None:
-            return "no nginx executable ($TRIO_GATEWAY_BENCH_NGINX or PATH)"
-        return None
 
     @asynccontextmanager
     async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
@@ -242,10 +242,6 @@ http {{
 def all_contenders() -> list[Contender]:
     """Every contender, in table order: the baselines, ours, then the peers."""
     return [Direct(), Bare(), Gateway(), LiteLLM(), Nginx()]
-
-
-def _find(program: str, variable: str) -> str | None:
-    return os.environ.get(variable) or shutil.which(program)
 
 
 def bench_env() -> dict[str, str]:

@@ -16,6 +16,7 @@ and at once.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -28,11 +29,13 @@ from typing import Any
 import httpx
 import orjson
 import trio
+from hypothesis import HealthCheck, settings
 
 from trio_gateway._app import Gateway
 from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
 from trio_gateway.sse import SSEDecoder, SSEEvent
 
+FUZZ_LONG = os.environ.get("TRIO_GATEWAY_FUZZ") == "long"
 CLIENT_KEY = "client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
 PUBLIC_MODEL = "kilo/free-model"
@@ -120,6 +123,26 @@ class FakeUpstream(httpx.AsyncBaseTransport):
         value = orjson.loads(self.requests[-1].content)
         assert isinstance(value, dict)
         return value
+
+
+def fuzz_settings(examples: int, long_examples: int) -> settings:
+    """Hypothesis settings for a property: ``long_examples`` under ``TRIO_GATEWAY_FUZZ=long``.
+
+    Applied per test, never loaded globally. Deadlines are off: the machine is
+    shared and noisy, and a slow example is not a bug.
+    """
+    return settings(
+        max_examples=long_examples if FUZZ_LONG else examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def fuzz_seed(fixed: int) -> int:
+    """A fuzz seed: ``TRIO_GATEWAY_FUZZ_SEED`` if set, random under long, else ``fixed``."""
+    return int(os.environ.get("TRIO_GATEWAY_FUZZ_SEED", "0")) or (
+        random.randrange(1 << 32) if FUZZ_LONG else fixed
+    )
 
 
 def paced(chunks: Sequence[bytes], gap: float = 0.01) -> list[BodyStep]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 from collections.abc import Iterator, MutableMapping
@@ -41,7 +40,7 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config as HypercornConfig
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import (
@@ -50,6 +49,7 @@ from tests.helpers import (
     AsgiCall,
     FakeResponse,
     FakeUpstream,
+    fuzz_settings,
     make_config,
 )
 from trio_gateway._app import Gateway
@@ -646,21 +646,7 @@ async def test_thousands_of_idle_connections_neither_block_nor_stay(nursery: tri
 
 # -- fuzz: hostile bytes on the raw request path ---------------------------------------
 
-settings.register_profile(
-    "http-ci",
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "http-long",
-    max_examples=3000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-FUZZ_PROFILE = settings.get_profile(
-    "http-long" if os.environ.get("TRIO_GATEWAY_FUZZ") == "long" else "http-ci"
-)
+FUZZ_PROFILE = fuzz_settings(25, 3000)
 FUZZ_TIMEOUTS = Timeouts(client_headers=0.25, request_body=0.25, shutdown=1)
 
 

@@ -13,7 +13,6 @@ more, with a random fuzz seed (``TRIO_GATEWAY_FUZZ_SEED`` replays one).
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -23,28 +22,26 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import (
     CLIENT_KEY,
+    FUZZ_LONG,
     PUBLIC_MODEL,
     UPSTREAM_KEY,
     AsgiCall,
     FakeResponse,
     FakeUpstream,
+    fuzz_seed,
+    fuzz_settings,
     make_config,
     make_gateway,
     sse,
 )
 from trio_gateway._app import Gateway
 
-LONG = os.environ.get("TRIO_GATEWAY_FUZZ") == "long"
-PROFILE = settings(
-    max_examples=15_000 if LONG else 150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+PROFILE = fuzz_settings(150, 15_000)
 
 ENDPOINTS = [
     "/v1/chat/completions",
@@ -314,11 +311,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 @pytest.mark.slow
 def test_fuzz_the_request_path() -> None:
     """Mutated valid requests (body bytes and the content type), many per gateway."""
-    seed = int(os.environ.get("TRIO_GATEWAY_FUZZ_SEED", "0")) or (
-        random.randrange(1 << 32) if LONG else 20_261_124
-    )
+    seed = fuzz_seed(20_261_124)
     rng = random.Random(seed)
-    rounds = 30_000 if LONG else 300
+    rounds = 30_000 if FUZZ_LONG else 300
 
     async def run() -> None:
         gateway, upstream = make_gateway(upstream_answer, max_body_bytes=MAX_BODY)

@@ -1,15 +1,11 @@
 """Property tests of the sans-IO SSE codec (:mod:`trio_gateway.sse`).
 
-Budget: the hypothesis settings below are registered as profiles and applied
-per test (not loaded globally, so other modules keep their own settings):
+Budget (:func:`tests.helpers.fuzz_settings`, applied per test):
 
-* ``TRIO_GATEWAY_FUZZ`` unset: profile ``sse-ci``, 200 examples per property;
-  the whole module runs in a few seconds.
-* ``TRIO_GATEWAY_FUZZ=long``: profile ``sse-long``, 20 000 examples per
-  property, and :func:`test_fuzz_random_bytes` runs 100x longer.
-
-Deadlines are off (``deadline=None``): the machine is shared and noisy, and a
-slow example is not a bug here.
+* ``TRIO_GATEWAY_FUZZ`` unset: 200 examples per property; the whole module
+  runs in a few seconds.
+* ``TRIO_GATEWAY_FUZZ=long``: 20 000 examples per property, and
+  :func:`test_fuzz_random_bytes` runs 100x longer.
 
 The oracle for "what should come out" is :func:`reference_decode`, a short
 whole-input model of the documented rules (regex line split, then one pass).
@@ -20,7 +16,6 @@ the decoder shows up as a difference.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import re
 import sys
@@ -28,9 +23,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from tests.helpers import FUZZ_LONG, fuzz_seed, fuzz_settings
 from trio_gateway.sse import (
     DEFAULT_MAX_EVENT_BYTES,
     SSEDecoder,
@@ -39,20 +35,7 @@ from trio_gateway.sse import (
     encode_event,
 )
 
-settings.register_profile(
-    "sse-ci",
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "sse-long",
-    max_examples=20_000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-LONG = os.environ.get("TRIO_GATEWAY_FUZZ") == "long"
-PROFILE = settings.get_profile("sse-long" if LONG else "sse-ci")
+PROFILE = fuzz_settings(200, 20_000)
 
 BOM = b"\xef\xbb\xbf"
 LINE_ENDS = [b"\n", b"\r\n", b"\r"]
@@ -541,11 +524,9 @@ def test_fuzz_random_bytes() -> None:
     random limits: the decoder agrees with the reference model, every chunking
     agrees with the whole input, raw replays, and nothing but
     SSEEventTooLarge is ever raised (and only past the limit)."""
-    seed = int(os.environ.get("TRIO_GATEWAY_FUZZ_SEED", "0")) or (
-        random.randrange(1 << 32) if LONG else 20_240_611
-    )
+    seed = fuzz_seed(20_240_611)
     rng = random.Random(seed)
-    rounds = 150_000 if LONG else 1_500
+    rounds = 150_000 if FUZZ_LONG else 1_500
     for n in range(rounds):
         data = _random_stream(rng)
         limit = rng.choice([DEFAULT_MAX_EVENT_BYTES, rng.randint(1, 64)])
