@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from bench._procs import Server, free_port, running
-from trio_gateway._config import hash_key
+from trio_gateway._core.config import hash_key
 
 __all__ = [
     "CLIENT_KEY",

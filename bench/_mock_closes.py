@@ -2,7 +2,7 @@
 
 ``python -m bench._mock_closes --port N --tokens T --pace S`` serves the
 same :class:`~trio_gateway.mock_upstream.MockUpstream` as
-``python -m trio_gateway.mock_upstream``, and prints one line per
+``python -m trio_gateway.testing.mock_upstream``, and prints one line per
 connection the peer closed: ``closed <seconds>``, the mock's own
 ``closed_at`` stamp (taken by its reader task as the FIN or RST arrives)
 converted to ``time.monotonic()``, which the bench process shares.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import trio
 
-from trio_gateway.mock_upstream import MockConnection, MockUpstream, Script
+from trio_gateway.testing.mock_upstream import MockConnection, MockUpstream, Script
 
 __all__ = ["main"]
 

@@ -26,7 +26,7 @@ import trio
 from bench._contenders import UPSTREAM_MODEL, Endpoint
 from bench._load import StreamLog, Target, count_events, run_stream
 from bench._procs import Server, read_usage
-from trio_gateway.mock_upstream import Script, StreamKind, iter_stream
+from trio_gateway.testing.mock_upstream import Script, StreamKind, iter_stream
 
 __all__ = ["SCENARIOS", "Context", "Metrics", "Scenario", "scenarios"]
 
@@ -96,8 +96,8 @@ class Scenario(Protocol):
 
 
 def mock_argv(port: int, *, tokens: int, pace: float = 0.0) -> list[str]:
-    """``python -m trio_gateway.mock_upstream`` serving ``tokens`` deltas ``pace`` s apart."""
-    argv = [sys.executable, "-m", "trio_gateway.mock_upstream", "--port", str(port)]
+    """The mock provider's command line: ``tokens`` deltas, ``pace`` s apart."""
+    argv = [sys.executable, "-m", "trio_gateway.testing.mock_upstream", "--port", str(port)]
     return [*argv, "--tokens", str(tokens), "--pace", str(pace)]
 
 

@@ -31,8 +31,15 @@ import orjson
 import trio
 from hypothesis import HealthCheck, settings
 
-from trio_gateway._app import Gateway
-from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
+from trio_gateway._core.config import (
+    GatewayConfig,
+    KeyEntry,
+    ModelRoute,
+    Timeouts,
+    Upstream,
+    hash_key,
+)
+from trio_gateway._proxy.app import Gateway
 from trio_gateway.sse import SSEDecoder, SSEEvent
 
 FUZZ_LONG = os.environ.get("TRIO_GATEWAY_FUZZ") == "long"

@@ -19,9 +19,10 @@ from tests.helpers import (
     make_config,
     sse,
 )
-from trio_gateway._app import Gateway
-from trio_gateway._config import KeyEntry, ModelRoute, hash_key
-from trio_gateway._limits import MemoryRateLimiter, TokenBucket, retry_after_header
+from trio_gateway._accounting.limiter import MemoryRateLimiter
+from trio_gateway._core.buckets import TokenBucket, retry_after_header
+from trio_gateway._core.config import KeyEntry, ModelRoute, hash_key
+from trio_gateway._proxy.app import Gateway
 
 OTHER_MODEL = "kilo/other-model"
 OTHER_KEY = "second-client-key"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from trio_gateway._config import (
+from trio_gateway._core.config import (
     ConfigError,
     GatewayConfig,
     KeyEntry,

@@ -10,7 +10,7 @@ import sys
 import trio
 
 from trio_gateway._demo import DEMO_MODEL, run_demo
-from trio_gateway.mock_upstream import Script, expected_text
+from trio_gateway.testing.mock_upstream import Script, expected_text
 
 
 async def test_demo_streams_a_rewritten_answer():

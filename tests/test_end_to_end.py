@@ -22,10 +22,17 @@ import pytest
 import trio
 
 from tests.helpers import AsgiCall, serve_command
-from trio_gateway._app import Gateway
-from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
-from trio_gateway._server import serve
-from trio_gateway.mock_upstream import MockUpstream, Script, expected_text
+from trio_gateway._core.config import (
+    GatewayConfig,
+    KeyEntry,
+    ModelRoute,
+    Timeouts,
+    Upstream,
+    hash_key,
+)
+from trio_gateway._proxy.app import Gateway
+from trio_gateway._server.serve import serve
+from trio_gateway.testing.mock_upstream import MockUpstream, Script, expected_text
 
 CLIENT_KEY = "e2e-client-key"
 UPSTREAM_KEY = "e2e-upstream-secret"

@@ -39,13 +39,21 @@ from tests.helpers import (
     FakeResponse,
     make_gateway,
 )
-from trio_gateway._app import Gateway
-from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Timeouts, Upstream, hash_key
-from trio_gateway._policy_chat import ChatPolicy
-from trio_gateway._policy_messages import MessagesPolicy
-from trio_gateway._policy_responses import ResponsesPolicy
-from trio_gateway._rewrite import Policy, StreamRewriter
-from trio_gateway.mock_upstream import (
+from trio_gateway._core.config import (
+    GatewayConfig,
+    KeyEntry,
+    ModelRoute,
+    Timeouts,
+    Upstream,
+    hash_key,
+)
+from trio_gateway._proxy.app import Gateway
+from trio_gateway._rewrite.base import Policy, StreamRewriter
+from trio_gateway._rewrite.chat import ChatPolicy
+from trio_gateway._rewrite.messages import MessagesPolicy
+from trio_gateway._rewrite.responses import ResponsesPolicy
+from trio_gateway.sse import SSEDecoder, SSEEvent
+from trio_gateway.testing.mock_upstream import (
     Fault,
     MockUpstream,
     Script,
@@ -54,7 +62,6 @@ from trio_gateway.mock_upstream import (
     render_error,
     render_stream,
 )
-from trio_gateway.sse import SSEDecoder, SSEEvent
 
 KINDS: tuple[StreamKind, ...] = ("chat", "messages", "responses")
 PATHS: dict[StreamKind, str] = {

@@ -52,9 +52,9 @@ from tests.helpers import (
     fuzz_settings,
     make_config,
 )
-from trio_gateway._app import Gateway
-from trio_gateway._config import Timeouts
-from trio_gateway._server import hypercorn_config, serve
+from trio_gateway._core.config import Timeouts
+from trio_gateway._proxy.app import Gateway
+from trio_gateway._server.serve import hypercorn_config, serve
 
 TIME_LIMIT = 20
 CHAT_ANSWER = orjson.dumps(

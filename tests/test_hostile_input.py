@@ -39,7 +39,7 @@ from tests.helpers import (
     make_gateway,
     sse,
 )
-from trio_gateway._app import Gateway
+from trio_gateway._proxy.app import Gateway
 
 PROFILE = fuzz_settings(150, 15_000)
 

@@ -17,18 +17,18 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import BodyStep, FakeBody, sse
-from trio_gateway._config import Timeouts
-from trio_gateway._metrics import (
+from trio_gateway._accounting.metrics import (
     ADDED_LATENCY_BUCKETS,
     LATENCY_BUCKETS,
     GatewayMetrics,
     StoreHealth,
 )
-from trio_gateway._pipeline import KEEPALIVE_COMMENT, StreamObserver, stream_events
-from trio_gateway._record import RequestRecord, Usage
-from trio_gateway._rewrite import PassThroughPolicy, StreamRewriter
-from trio_gateway._upstream import ExchangeControl
-from trio_gateway._usage_store import UsageStore
+from trio_gateway._accounting.usage_store import UsageStore
+from trio_gateway._core.config import Timeouts
+from trio_gateway._core.record import RequestRecord, Usage
+from trio_gateway._proxy.pipeline import KEEPALIVE_COMMENT, StreamObserver, stream_events
+from trio_gateway._proxy.upstream import ExchangeControl
+from trio_gateway._rewrite.base import PassThroughPolicy, StreamRewriter
 
 Labels = frozenset[tuple[str, str]]
 

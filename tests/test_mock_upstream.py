@@ -24,7 +24,8 @@ import orjson
 import pytest
 import trio
 
-from trio_gateway.mock_upstream import (
+from trio_gateway.sse import SSEDecoder, SSEEvent
+from trio_gateway.testing.mock_upstream import (
     CREATED,
     DEFAULT_MODEL,
     PROMPT_TOKENS,
@@ -41,7 +42,6 @@ from trio_gateway.mock_upstream import (
     render_stream,
     usage_cost,
 )
-from trio_gateway.sse import SSEDecoder, SSEEvent
 
 KINDS: tuple[StreamKind, ...] = ("chat", "messages", "responses")
 PATHS = {"chat": "/chat/completions", "messages": "/messages", "responses": "/responses"}
@@ -706,7 +706,7 @@ async def test_cli(nursery: trio.Nursery) -> None:
         command = [
             sys.executable,
             "-m",
-            "trio_gateway.mock_upstream",
+            "trio_gateway.testing.mock_upstream",
             "--port",
             "0",
             "--tokens",

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import STALL, AsgiCall, FakeResponse, make_gateway, serve_command
 from tests.test_pipeline import request_for, stream_bytes
-from trio_gateway._config import hash_key
-from trio_gateway.mock_upstream import MockUpstream, Script
+from trio_gateway._core.config import hash_key
+from trio_gateway.testing.mock_upstream import MockUpstream, Script
 
 CLIENT_KEY = "observability-client-key"
 UPSTREAM_KEY = "observability-upstream-secret"

@@ -30,18 +30,18 @@ from tests.helpers import (
     paced,
     sse,
 )
-from trio_gateway._config import Timeouts
-from trio_gateway._kinds import Failure, FailureType
-from trio_gateway._pipeline import (
+from trio_gateway._core.config import Timeouts
+from trio_gateway._core.kinds import Failure, FailureType
+from trio_gateway._proxy.pipeline import (
     _BATCH_BYTES,
     _BATCH_SECONDS,
     KEEPALIVE_COMMENT,
     _Batch,
     stream_events,
 )
-from trio_gateway._policy_messages import MessagesPolicy
-from trio_gateway._rewrite import GATEWAY_COMMENT, StreamRewriter
-from trio_gateway._upstream import ExchangeControl
+from trio_gateway._proxy.upstream import ExchangeControl
+from trio_gateway._rewrite.base import GATEWAY_COMMENT, StreamRewriter
+from trio_gateway._rewrite.messages import MessagesPolicy
 from trio_gateway.sse import SSEDecoder
 
 DATA = Path(__file__).parent / "data"

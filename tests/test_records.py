@@ -25,10 +25,10 @@ from tests.helpers import (
     paced,
 )
 from tests.test_pipeline import KINDS, request_for, stream_bytes
-from trio_gateway._app import Gateway
-from trio_gateway._config import Timeouts
-from trio_gateway._record import RequestRecord
-from trio_gateway.mock_upstream import Script, StreamKind, render_json, render_stream
+from trio_gateway._core.config import Timeouts
+from trio_gateway._core.record import RequestRecord
+from trio_gateway._proxy.app import Gateway
+from trio_gateway.testing.mock_upstream import Script, StreamKind, render_json, render_stream
 
 
 class ListSink:

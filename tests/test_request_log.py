@@ -20,14 +20,14 @@ import trio
 import trio.testing
 
 from tests.helpers import CLIENT_KEY, UPSTREAM_KEY
-from trio_gateway._record import RequestRecord, Usage
-from trio_gateway._request_log import (
+from trio_gateway._accounting.json_log import (
     LOG_FIELDS,
     LOGGER_NAME,
     MAX_UPSTREAM_TEXT,
     RequestLogger,
     format_record,
 )
+from trio_gateway._core.record import RequestRecord, Usage
 
 
 def full_record(**changes: Any) -> RequestRecord:

@@ -31,7 +31,7 @@ from tests.helpers import (
     make_gateway,
     sse,
 )
-from trio_gateway._app import Gateway
+from trio_gateway._proxy.app import Gateway
 
 BASE_URL = "https://upstream.invalid/api/v1"
 AUTH = (b"authorization", f"Bearer {CLIENT_KEY}".encode())

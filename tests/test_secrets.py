@@ -17,8 +17,8 @@ import orjson
 import trio
 
 from tests.helpers import serve_command
-from trio_gateway._config import hash_key
-from trio_gateway.mock_upstream import MockRequest, MockUpstream, Script
+from trio_gateway._core.config import hash_key
+from trio_gateway.testing.mock_upstream import MockRequest, MockUpstream, Script
 
 UPSTREAM_KEY = "sk-upstream-SCAN-5d1e9c0b7a"
 CLIENT_KEY = "client-SCAN-key-3f8b2a61"

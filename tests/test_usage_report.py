@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gateway._record import RequestRecord, Usage
-from trio_gateway._usage_report import (
+from trio_gateway._accounting.usage_report import (
     ReportError,
     UsageRow,
     add_usage_arguments,
@@ -29,7 +28,8 @@ from trio_gateway._usage_report import (
     percentile,
     usage_report,
 )
-from trio_gateway._usage_store import SCHEMA_VERSION, UsageStore
+from trio_gateway._accounting.usage_store import SCHEMA_VERSION, UsageStore
+from trio_gateway._core.record import RequestRecord, Usage
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0

@@ -30,9 +30,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_gateway._kinds import FailureType
-from trio_gateway._record import RequestRecord, Usage
-from trio_gateway._usage_store import (
+from trio_gateway._accounting.usage_store import (
     COLUMNS,
     SCHEMA_VERSION,
     Row,
@@ -41,6 +39,8 @@ from trio_gateway._usage_store import (
     record_from_row,
     record_to_row,
 )
+from trio_gateway._core.kinds import FailureType
+from trio_gateway._core.record import RequestRecord, Usage
 
 WALL = 1_700_000_000.25  # exactly representable, like every time below
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import trio
 
-from trio_gateway import __version__
-from trio_gateway._config import ConfigError, hash_key, load_config, split_bind
+from trio_gateway._core.config import ConfigError, hash_key, load_config, split_bind
+from trio_gateway._version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-key", help="read a client key on stdin and print the sha256 for [[keys]]"
     )
 
-    from trio_gateway._usage_report import add_usage_arguments
+    from trio_gateway._accounting.usage_report import add_usage_arguments
 
     usage = commands.add_parser(
         "usage", help="print tokens, cost, errors and latency per key or model from the database"
@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(config_path: str, bind: str | None) -> int:
-    from trio_gateway._app import Gateway
-    from trio_gateway._request_log import RequestLogger
-    from trio_gateway._server import serve
-    from trio_gateway._usage_store import SchemaError, UsageStore
+    from trio_gateway._accounting.json_log import RequestLogger
+    from trio_gateway._accounting.usage_store import SchemaError, UsageStore
+    from trio_gateway._proxy.app import Gateway
+    from trio_gateway._server.serve import serve
 
     try:
         config = load_config(config_path)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         return _hash_key()
     if args.command == "usage":
-        from trio_gateway._usage_report import main_usage
+        from trio_gateway._accounting.usage_report import main_usage
 
         return main_usage(args)
     parser.print_help()

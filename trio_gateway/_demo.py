@@ -17,11 +17,11 @@ import httpx
 import orjson
 import trio
 
-from trio_gateway._app import Gateway
-from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute, Upstream, hash_key
-from trio_gateway._server import serve
-from trio_gateway.mock_upstream import MockUpstream, Script
+from trio_gateway._core.config import GatewayConfig, KeyEntry, ModelRoute, Upstream, hash_key
+from trio_gateway._proxy.app import Gateway
+from trio_gateway._server.serve import serve
 from trio_gateway.sse import SSEDecoder
+from trio_gateway.testing.mock_upstream import MockUpstream, Script
 
 __all__ = ["DEMO_KEY", "demo_config", "run_demo"]
 

@@ -8,10 +8,10 @@ Each proxied request is handled in the task hypercorn gives it:
 1. Checks that need no upstream happen first, each answered in the
    endpoint's own error shape: route and method, client key, body size (read
    with a bound, never buffered past it), content type, JSON, model, the
-   key's model allowlist, then the key's rate limits (:mod:`trio_gateway._limits`).
+   key's model allowlist, then the key's rate limits (:mod:`trio_gateway._core.buckets`).
 2. The request body is rebuilt with the upstream model name (and, for
    streamed chat, ``stream_options.include_usage``), and sent with fresh
-   headers (:mod:`trio_gateway._upstream`).
+   headers (:mod:`trio_gateway._proxy.upstream`).
 3. The exchange runs in a nursery beside a **disconnect watcher** blocked on
    ASGI ``receive()``. Hypercorn reports a client that left as
    ``http.disconnect`` but does not cancel the app, so the watcher cancels
@@ -39,31 +39,18 @@ import httpx
 import orjson
 import trio
 
-from trio_gateway._config import GatewayConfig, KeyEntry, ModelRoute
-from trio_gateway._extract import Extracted
-from trio_gateway._kinds import Failure, FailureType, Kind, error_body
-from trio_gateway._limits import (
-    MemoryRateLimiter,
-    RateLimiter,
-    retry_after_header,
-    tokens_charged,
-)
-from trio_gateway._metrics import GatewayMetrics
-from trio_gateway._multipart import MultipartError, replace_form_field
-from trio_gateway._pipeline import StreamResult, stream_events
-from trio_gateway._policy_chat import ChatPolicy
-from trio_gateway._policy_messages import MessagesPolicy
-from trio_gateway._policy_responses import ResponsesPolicy
-from trio_gateway._record import RecordSink, RequestRecord
-from trio_gateway._request_log import RequestLogger
-from trio_gateway._rewrite import (
-    REDACTED,
-    PassThroughPolicy,
-    Policy,
-    StreamRewriter,
-    rewrite_json_body,
-)
-from trio_gateway._upstream import (
+from trio_gateway._accounting.json_log import RequestLogger
+from trio_gateway._accounting.limiter import MemoryRateLimiter, RateLimiter
+from trio_gateway._accounting.metrics import GatewayMetrics
+from trio_gateway._accounting.usage_store import UsageStore
+from trio_gateway._core.buckets import retry_after_header, tokens_charged
+from trio_gateway._core.config import GatewayConfig, KeyEntry, ModelRoute
+from trio_gateway._core.extract import Extracted
+from trio_gateway._core.kinds import Failure, FailureType, Kind, error_body
+from trio_gateway._core.multipart import MultipartError, replace_form_field
+from trio_gateway._core.record import RecordSink, RequestRecord
+from trio_gateway._proxy.pipeline import StreamResult, stream_events
+from trio_gateway._proxy.upstream import (
     ExchangeControl,
     UpstreamError,
     Upstreams,
@@ -73,7 +60,16 @@ from trio_gateway._upstream import (
     next_chunk,
     raw_chunks,
 )
-from trio_gateway._usage_store import UsageStore
+from trio_gateway._rewrite.base import (
+    REDACTED,
+    PassThroughPolicy,
+    Policy,
+    StreamRewriter,
+    rewrite_json_body,
+)
+from trio_gateway._rewrite.chat import ChatPolicy
+from trio_gateway._rewrite.messages import MessagesPolicy
+from trio_gateway._rewrite.responses import ResponsesPolicy
 
 __all__ = ["Gateway"]
 

@@ -51,8 +51,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from trio_gateway._kinds import FailureType, Kind
-from trio_gateway._record import RequestRecord
+from trio_gateway._core.kinds import FailureType, Kind
+from trio_gateway._core.record import RequestRecord
 
 __all__ = [
     "ADDED_LATENCY_BUCKETS",

@@ -22,9 +22,9 @@ from typing import cast
 import httpx
 import trio
 
-from trio_gateway import __version__
-from trio_gateway._config import GatewayConfig, Timeouts, Upstream
-from trio_gateway._kinds import Failure, FailureType, Kind
+from trio_gateway._core.config import GatewayConfig, Timeouts, Upstream
+from trio_gateway._core.kinds import Failure, FailureType, Kind
+from trio_gateway._version import __version__
 
 __all__ = [
     "HTTPX_ERRORS",

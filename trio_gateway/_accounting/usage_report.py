@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trio_gateway._usage_store import SCHEMA_VERSION
+from trio_gateway._accounting.usage_store import SCHEMA_VERSION
 
 __all__ = [
     "ReportError",

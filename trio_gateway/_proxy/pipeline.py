@@ -64,16 +64,16 @@ from typing import Protocol
 import httpx
 import trio
 
-from trio_gateway._config import Timeouts
-from trio_gateway._kinds import Failure, FailureType
-from trio_gateway._rewrite import StreamRewriter
-from trio_gateway._upstream import (
+from trio_gateway._core.config import Timeouts
+from trio_gateway._core.kinds import Failure, FailureType
+from trio_gateway._proxy.upstream import (
     HTTPX_ERRORS,
     ExchangeControl,
     close_response,
     failure_of,
     raw_chunks,
 )
+from trio_gateway._rewrite.base import StreamRewriter
 from trio_gateway.sse import SSEError
 
 __all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamObserver", "StreamResult", "stream_events"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trio_gateway._record import Usage
+from trio_gateway._core.record import Usage
 
 __all__ = ["Extracted", "from_chat", "from_json_body", "from_messages", "from_responses"]
 

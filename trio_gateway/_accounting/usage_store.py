@@ -95,7 +95,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 import trio
 
-from trio_gateway._record import RequestRecord, Usage
+from trio_gateway._core.record import RequestRecord, Usage
 
 __all__ = [
     "COLUMNS",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import os
 import re
@@ -16,11 +17,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from trio_gateway._request_log import LEVELS as LOG_LEVELS
+from typing import Any, Final, Literal
 
 __all__ = [
+    "LOG_LEVELS",
     "ConfigError",
     "GatewayConfig",
     "KeyEntry",
@@ -33,6 +33,15 @@ __all__ = [
 ]
 
 AuthStyle = Literal["bearer", "x-api-key"]
+
+#: The request log's levels (``[log] level``): each name's stdlib logging level; "off" logs nothing.
+LOG_LEVELS: Final[dict[str, int | None]] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "off": None,
+}
 
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})")

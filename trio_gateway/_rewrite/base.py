@@ -32,8 +32,8 @@ from typing import Any
 
 import orjson
 
-from trio_gateway._extract import Extracted, from_embeddings, from_json_body
-from trio_gateway._kinds import Failure
+from trio_gateway._core.extract import Extracted, from_embeddings, from_json_body
+from trio_gateway._core.kinds import Failure
 from trio_gateway.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 
 __all__ = [

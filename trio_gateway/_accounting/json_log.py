@@ -43,7 +43,8 @@ from typing import Any, Final
 import orjson
 import trio
 
-from trio_gateway._record import RequestRecord
+from trio_gateway._core.config import LOG_LEVELS as LEVELS
+from trio_gateway._core.record import RequestRecord
 
 __all__ = [
     "LEVELS",
@@ -58,13 +59,6 @@ __all__ = [
 LOGGER_NAME: Final = "trio_gateway.requests"
 TO_LOGGING: Final = "logging"
 TO_STDERR: Final = "-"
-LEVELS: Final[dict[str, int | None]] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "off": None,
-}
 MAX_UPSTREAM_TEXT: Final = 256
 DEFAULT_MAX_PENDING: Final = 10_000
 

@@ -1,9 +1,9 @@
-"""Per-key rate limits: requests and tokens per minute, as token buckets.
+"""Token-bucket arithmetic for per-key rate limits: requests and tokens per minute.
 
-:class:`TokenBucket` is pure arithmetic on times the caller passes in. The
-gateway talks to a :class:`RateLimiter`, a two-method interface, so a store
-shared by several gateway processes can replace :class:`MemoryRateLimiter`
-(one process, in memory) without touching the request path:
+No I/O and no clock: :class:`TokenBucket` is pure arithmetic on times the
+caller passes in. The stores that keep buckets (in memory, or shared by
+several processes) live in :mod:`trio_gateway._accounting.limiter`, behind
+its two-method ``RateLimiter`` interface:
 
 * :meth:`RateLimiter.admit` runs before a request goes upstream. It takes one
   request from the key's ``rpm`` bucket and checks that its ``tpm`` bucket is
@@ -17,23 +17,17 @@ shared by several gateway processes can replace :class:`MemoryRateLimiter`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Protocol
 
-import trio
-
-from trio_gateway._config import KeyEntry
-from trio_gateway._record import RequestRecord
+from trio_gateway._core.record import RequestRecord
 
 __all__ = [
-    "MemoryRateLimiter",
-    "RateLimiter",
+    "MINUTE",
     "TokenBucket",
     "retry_after_header",
     "tokens_charged",
 ]
 
-_MINUTE = 60.0
+MINUTE = 60.0
 
 
 class TokenBucket:
@@ -47,7 +41,7 @@ class TokenBucket:
 
     def __init__(self, capacity: int, now: float) -> None:
         self.capacity = float(capacity)
-        self.rate = capacity / _MINUTE  # tokens per second
+        self.rate = capacity / MINUTE  # tokens per second
         self.level = self.capacity
         self.updated = now
 
@@ -70,51 +64,6 @@ class TokenBucket:
         """Remove ``amount`` tokens, going into debt if there are not enough."""
         self._refill(now)
         self.level -= amount
-
-
-class RateLimiter(Protocol):
-    """Where rate-limit state lives. Both methods are checkpoints for a shared store."""
-
-    async def admit(self, key: KeyEntry) -> float | None:
-        """Count one request for ``key``; or, if over a limit, seconds to wait (not counted)."""
-
-    async def charge(self, key: KeyEntry, tokens: int) -> None:
-        """Charge ``tokens`` to ``key``'s tokens-per-minute budget."""
-
-
-class MemoryRateLimiter:
-    """Token buckets in this process's memory, one pair per limited key.
-
-    Not a checkpoint in practice: nothing here waits. State grows only with
-    the configured keys, never with client input.
-    """
-
-    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
-        self._clock = clock
-        self._requests: dict[str, TokenBucket] = {}
-        self._tokens: dict[str, TokenBucket] = {}
-
-    def _bucket(self, table: dict[str, TokenBucket], name: str, capacity: int) -> TokenBucket:
-        bucket = table.get(name)
-        if bucket is None or bucket.capacity != capacity:
-            bucket = table[name] = TokenBucket(capacity, self._clock())
-        return bucket
-
-    async def admit(self, key: KeyEntry) -> float | None:
-        now = self._clock()
-        requests = None if key.rpm is None else self._bucket(self._requests, key.name, key.rpm)
-        tokens = None if key.tpm is None else self._bucket(self._tokens, key.name, key.tpm)
-        buckets = [bucket for bucket in (requests, tokens) if bucket is not None]
-        wait = max((bucket.wait(now) for bucket in buckets), default=0.0)
-        if wait > 0:
-            return wait
-        if requests is not None:
-            requests.take(now)
-        return None
-
-    async def charge(self, key: KeyEntry, tokens: int) -> None:
-        if key.tpm is not None and tokens > 0:
-            self._bucket(self._tokens, key.name, key.tpm).charge(tokens, self._clock())
 
 
 def tokens_charged(record: RequestRecord) -> int:

@@ -1107,9 +1107,9 @@ async def _serve_and_announce(mock: MockUpstream, host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m trio_gateway.mock_upstream``: serve one script until killed."""
+    """``python -m trio_gateway.testing.mock_upstream``: serve one script until killed."""
     parser = argparse.ArgumentParser(
-        prog="python -m trio_gateway.mock_upstream",
+        prog="python -m trio_gateway.testing.mock_upstream",
         description="A deterministic fake LLM provider (chat, messages, responses, ...).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="default %(default)s")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 
-from trio_gateway._extract import from_responses
-from trio_gateway._kinds import Failure
-from trio_gateway._rewrite import Policy, parse_object, reencode, set_model, strip_cost
+from trio_gateway._core.extract import from_responses
+from trio_gateway._core.kinds import Failure
+from trio_gateway._rewrite.base import Policy, parse_object, reencode, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
 
 # The events that carry the whole ``response`` object (and so its model and usage).

@@ -33,8 +33,8 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 
-from trio_gateway._app import Gateway
-from trio_gateway._kinds import Kind, error_body
+from trio_gateway._core.kinds import Kind, error_body
+from trio_gateway._proxy.app import Gateway
 
 __all__ = ["hypercorn_config", "serve"]
 
