@@ -146,6 +146,7 @@ class Gateway:
         self._open_exchanges: set[ExchangeControl] = set()
         self._exchanges_changed = trio.Event()
         self._stopping: Failure | None = None  # set once drain's grace has run out
+        self._grace = trio.CancelScope()  # drain's wait; end_grace cancels it
         self._models_body = _models_body(list(config.models))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -186,13 +187,23 @@ class Gateway:
         JSON error before upstream headers, the kind's error event in a
         stream. Requests that arrive later are stopped at once.
         """
-        with trio.move_on_after(grace):
+        if self._grace.cancel_called:  # end_grace came first
+            grace = 0.0
+        with trio.move_on_after(grace) as self._grace:
             while self._open_exchanges:
                 self._exchanges_changed = trio.Event()
                 await self._exchanges_changed.wait()
         self._stopping = Failure(FailureType.SHUTDOWN, "the gateway is shutting down")
         for control in list(self._open_exchanges):
             control.stop(self._stopping)
+
+    def end_grace(self) -> None:
+        """Cut :meth:`drain`'s grace short: stop every open exchange now. Not a checkpoint.
+
+        Before ``drain`` has started, the next ``drain`` stops at once. Each
+        stopped exchange still answers its client and leaves its record.
+        """
+        self._grace.cancel(reason="grace cut short")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex
