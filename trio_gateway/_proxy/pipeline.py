@@ -71,6 +71,7 @@ from trio_gateway._proxy.upstream import (
     ExchangeControl,
     close_response,
     failure_of,
+    idle_failure,
     raw_chunks,
 )
 from trio_gateway._rewrite.base import StreamRewriter
@@ -190,7 +191,7 @@ async def _pump(
     if (stopped := control.stopped()) is not None:
         return stopped
     if reading:
-        return Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s")
+        return idle_failure(idle)
     result.failure = Failure(FailureType.CLIENT_STALL, f"client took nothing for {stall:g} s")
     return None
 

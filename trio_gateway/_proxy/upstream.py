@@ -14,7 +14,6 @@ credentials and every other client header stay behind.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
 from typing import cast
@@ -31,21 +30,15 @@ __all__ = [
     "ExchangeControl",
     "UpstreamError",
     "Upstreams",
-    "bad_forwarded_header",
     "close_response",
     "failure_of",
-    "is_field_value",
+    "idle_failure",
     "next_chunk",
     "raw_chunks",
+    "read_whole_body",
     "upstream_errors",
 ]
 
-# Client headers that carry API semantics (versions, beta features), not identity.
-FORWARDED_CLIENT_HEADERS = frozenset({b"anthropic-version", b"anthropic-beta", b"openai-beta"})
-# What a forwarded value may hold: visible ASCII, spaces and tabs (RFC 9110
-# field-value, without obs-text), so no CR, LF or NUL can reach an upstream
-# header line whatever the server in front let through.
-_FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*")
 _CLOSE_GRACE = 2.0  # seconds a cancelled request may spend closing its upstream socket
 
 
@@ -58,6 +51,11 @@ class UpstreamError(Exception):
 
 
 HTTPX_ERRORS = (httpx.TransportError, httpx.StreamError)
+
+
+def idle_failure(idle: float) -> Failure:
+    """The failure of an upstream that sent nothing for ``idle`` seconds (streams and bodies)."""
+    return Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s")
 
 
 def failure_of(exc: httpx.TransportError | httpx.StreamError, phase: str) -> Failure:
@@ -130,19 +128,6 @@ class ExchangeControl:
             raise UpstreamError(self.failure)
 
 
-def is_field_value(value: bytes) -> bool:
-    """Whether ``value`` may go into an upstream header line as it is."""
-    return _FIELD_VALUE.fullmatch(value) is not None
-
-
-def bad_forwarded_header(client_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """The name of a forwarded client header whose value is not plain visible ASCII, or None."""
-    for name, value in client_headers:
-        if name in FORWARDED_CLIENT_HEADERS and not is_field_value(value):
-            return name.decode("ascii")
-    return None
-
-
 def raw_chunks(response: httpx.Response) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
     """The response body as it arrives, undecoded; closed when the block exits."""
     # httpx implements aiter_raw as an async generator; its annotation is wider.
@@ -165,7 +150,27 @@ async def next_chunk(
         except StopAsyncIteration:
             return None
     control.check()
-    raise UpstreamError(Failure(FailureType.IDLE_TIMEOUT, f"upstream sent nothing for {idle:g} s"))
+    raise UpstreamError(idle_failure(idle))
+
+
+async def read_whole_body(
+    response: httpx.Response, limit: int, idle: float, control: ExchangeControl
+) -> bytes:
+    """The whole upstream body, bounded in size and in silence between reads.
+
+    A checkpoint. Raises UpstreamError on a cut, a timeout, a stop through
+    ``control`` or an oversize body. The caller still owns ``response``.
+    """
+    parts: list[bytes] = []
+    size = 0
+    async with raw_chunks(response) as chunks:
+        while (chunk := await next_chunk(chunks, idle, control)) is not None:
+            size += len(chunk)
+            if size > limit:
+                message = f"the upstream answer is over {limit} bytes"
+                raise UpstreamError(Failure(FailureType.UPSTREAM_TOO_LARGE, message))
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 async def close_response(response: httpx.Response) -> None:
@@ -229,9 +234,13 @@ class Upstreams:
         *,
         content_type: str,
         stream: bool,
-        client_headers: Sequence[tuple[bytes, bytes]],
+        forwarded: Sequence[tuple[bytes, bytes]] = (),
     ) -> httpx.Request:
-        """The upstream request: fresh headers, the upstream's credentials, no client ones."""
+        """The upstream request: fresh headers, the upstream's credentials, no client ones.
+
+        ``forwarded`` holds the only client headers that go along (API
+        versions and betas: :data:`~trio_gateway._proxy.asgi.FORWARDED_CLIENT_HEADERS`).
+        """
         headers: list[tuple[str, str]] = [
             ("content-type", content_type),
             ("accept", "text/event-stream" if stream else "application/json"),
@@ -243,9 +252,7 @@ class Upstreams:
         else:
             headers.append(("x-api-key", upstream.api_key))
         headers.extend(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in client_headers
-            if name in FORWARDED_CLIENT_HEADERS
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in forwarded
         )
         return self._clients[upstream.name].build_request(
             "POST", upstream.base_url + kind.path, content=body, headers=headers
