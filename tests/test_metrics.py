@@ -9,6 +9,7 @@ chosen as binary-exact floats (0.25, 0.125, ...), so sums compare with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import prometheus_client
@@ -25,6 +26,7 @@ from trio_gateway._accounting.metrics import (
 )
 from trio_gateway._accounting.usage_store import UsageStore
 from trio_gateway._core.config import Timeouts
+from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord, Usage
 from trio_gateway._proxy.pipeline import KEEPALIVE_COMMENT, StreamObserver, stream_events
 from trio_gateway._proxy.upstream import ExchangeControl
@@ -90,7 +92,7 @@ def labels(**values: str) -> Labels:
 
 
 def record(
-    kind: str,
+    kind: Kind,
     model: str,
     status: int | None,
     *,
@@ -100,7 +102,7 @@ def record(
     end: float | None = None,
     usage: Usage | None = None,
     cancelled: bool = False,
-    error: str | None = None,
+    error: FailureType | None = None,
 ) -> RequestRecord:
     return RequestRecord(
         request_id="r",
@@ -125,14 +127,16 @@ def record(
 # A known traffic mix: two clean chats, a Messages stream the client left, a
 # Responses request whose upstream timed out, and an embeddings request the
 # client left before any response started.
+CHAT, MESSAGES, RESPONSES, EMBEDDINGS = Kind.CHAT, Kind.MESSAGES, Kind.RESPONSES, Kind.EMBEDDINGS
+LEFT, TIMEOUT = FailureType.CLIENT_DISCONNECT, FailureType.UPSTREAM_TIMEOUT
 RECORDS = [
-    record("chat", "m1", 200, started=10.0, headers=10.25, first_token=10.5, end=12.0,
+    record(CHAT, "m1", 200, started=10.0, headers=10.25, first_token=10.5, end=12.0,
            usage=Usage(input_tokens=100, output_tokens=20, cached_tokens=64)),
-    record("chat", "m1", 200, headers=0.5, end=1.0, usage=Usage(input_tokens=7, output_tokens=3)),
-    record("messages", "m2", 200, headers=0.125, first_token=0.25, end=0.75,
-           usage=Usage(input_tokens=50), cancelled=True, error="client_disconnect"),
-    record("responses", "m1", 502, end=120.0, error="upstream_timeout"),
-    record("embeddings", "m2", None, end=0.0625, cancelled=True, error="client_disconnect"),
+    record(CHAT, "m1", 200, headers=0.5, end=1.0, usage=Usage(input_tokens=7, output_tokens=3)),
+    record(MESSAGES, "m2", 200, headers=0.125, first_token=0.25, end=0.75,
+           usage=Usage(input_tokens=50), cancelled=True, error=LEFT),
+    record(RESPONSES, "m1", 502, end=120.0, error=TIMEOUT),
+    record(EMBEDDINGS, "m2", None, end=0.0625, cancelled=True, error=LEFT),
 ]  # fmt: skip
 
 
@@ -207,8 +211,8 @@ def test_every_metric_is_exposed_with_its_type_and_nothing_else() -> None:
 
 def test_missing_or_negative_token_counts_add_nothing() -> None:
     metrics = GatewayMetrics()
-    metrics.observe(record("chat", "m1", 200, end=1.0, usage=Usage(input_tokens=-5)))
-    metrics.observe(record("chat", "m1", 200, end=1.0, usage=Usage(output_tokens=0)))
+    metrics.observe(record(CHAT, "m1", 200, end=1.0, usage=Usage(input_tokens=-5)))
+    metrics.observe(record(CHAT, "m1", 200, end=1.0, usage=Usage(output_tokens=0)))
     got = scrape(metrics)
     assert "trio_gateway_input_tokens_total" not in got
     assert "trio_gateway_output_tokens_total" not in got
@@ -217,9 +221,11 @@ def test_missing_or_negative_token_counts_add_nothing() -> None:
 
 def test_label_values_outside_the_known_sets_are_counted_as_other() -> None:
     metrics = GatewayMetrics(models=["m1"])
-    metrics.observe(record("chat", "m1", 200, end=1.0))
-    metrics.observe(record("chat", "client-made-this-up", 200, end=1.0))
-    metrics.observe(record("smuggled", "m1", 999, end=1.0, error="not_a_failure_type"))
+    metrics.observe(record(CHAT, "m1", 200, end=1.0))
+    metrics.observe(record(CHAT, "client-made-this-up", 200, end=1.0))
+    # Values no typed caller can make, as an untyped one might.
+    smuggled, not_a_failure = cast(Kind, "chat"), cast(FailureType, "not_a_failure_type")
+    metrics.observe(record(smuggled, "m1", 999, end=1.0, error=not_a_failure))
     got = scrape(metrics)
     assert got["trio_gateway_requests_total"] == {
         labels(kind="chat", model="m1", status="200"): 1,
@@ -254,18 +260,19 @@ def test_gauges_move_with_started_and_ended() -> None:
 
 
 async def test_gauge_context_managers_end_on_every_way_out() -> None:
-    metrics = GatewayMetrics()
-    with metrics.open_exchange(), metrics.active_stream():
+    with trio.fail_after(10):  # real clock: an absolute bound (conftest.py rule 3)
+        metrics = GatewayMetrics()
+        with metrics.open_exchange(), metrics.active_stream():
+            got = scrape(metrics)
+            assert got["trio_gateway_active_streams"][labels()] == 1
+            assert got["trio_gateway_upstream_open_exchanges"][labels()] == 1
+        with trio.CancelScope() as scope, metrics.open_exchange(), metrics.active_stream():
+            scope.cancel(reason="as a client disconnect would")
+            await trio.sleep_forever()
+        assert scope.cancelled_caught
         got = scrape(metrics)
-        assert got["trio_gateway_active_streams"][labels()] == 1
-        assert got["trio_gateway_upstream_open_exchanges"][labels()] == 1
-    with trio.CancelScope() as scope, metrics.open_exchange(), metrics.active_stream():
-        scope.cancel(reason="as a client disconnect would")
-        await trio.sleep_forever()
-    assert scope.cancelled_caught
-    got = scrape(metrics)
-    assert got["trio_gateway_active_streams"][labels()] == 0
-    assert got["trio_gateway_upstream_open_exchanges"][labels()] == 0
+        assert got["trio_gateway_active_streams"][labels()] == 0
+        assert got["trio_gateway_upstream_open_exchanges"][labels()] == 0
 
 
 def test_added_latency_histogram_counts_every_call() -> None:
@@ -304,7 +311,7 @@ async def test_the_pipeline_reports_keepalives_and_forwarded_chunks(
     metrics = GatewayMetrics()
     observer: StreamObserver = metrics  # the pipeline's protocol, checked by mypy
     # Two events 40 s apart with keepalive at 15 s: two keepalives in the gap.
-    steps: list[BodyStep] = [*sse("one"), 40.0, *sse("two")]
+    steps: list[BodyStep] = [*sse("one"), 40.0, *sse("two"), *sse("[DONE]")]
     response = httpx.Response(200, stream=FakeBody(steps))
     body = _Body()
     rewriter = StreamRewriter(PassThroughPolicy("m1", free=False))

@@ -26,6 +26,7 @@ from tests.helpers import (
 )
 from tests.test_pipeline import KINDS, request_for, stream_bytes
 from trio_gateway._core.config import Timeouts
+from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord
 from trio_gateway._proxy.app import Gateway
 from trio_gateway.testing.mock_upstream import Script, StreamKind, render_json, render_stream
@@ -89,7 +90,7 @@ async def test_completed_stream_leaves_one_exact_record(
     assert record.usage.cost == 0.00123, "cost is recorded before it is stripped"
     assert b'"cost"' not in call.text
     assert (record.kind, record.key_name, record.streamed, record.status) == (
-        kind,
+        Kind[kind.upper()],
         "tests",
         True,
         200,
@@ -140,7 +141,7 @@ async def test_client_disconnect_mid_stream_is_recorded(
         call.disconnect()
     (record,) = sink.records
     assert record.cancelled
-    assert record.error_type == "client_disconnect"
+    assert record.error_type is FailureType.CLIENT_DISCONNECT
     assert record.duration == pytest.approx(4)
 
 
@@ -150,16 +151,31 @@ async def test_client_disconnect_mid_stream_is_recorded(
         (
             FakeResponse(body=[b"data: {}\n\n", httpx.ReadError("reset")]),
             None,
-            "upstream_reset",
+            FailureType.UPSTREAM_RESET,
             200,
         ),
-        (FakeResponse(body=[b"data: {}\n\n", STALL]), Timeouts(idle=9), "idle_timeout", 200),
-        (FakeResponse(headers_delay=1e6), Timeouts(first_byte=7), "upstream_timeout", 504),
-        (FakeResponse(error=httpx.ConnectError("no")), None, "upstream_unreachable", 502),
+        (
+            FakeResponse(body=[b"data: {}\n\n", STALL]),
+            Timeouts(idle=9),
+            FailureType.IDLE_TIMEOUT,
+            200,
+        ),
+        (
+            FakeResponse(headers_delay=1e6),
+            Timeouts(first_byte=7),
+            FailureType.UPSTREAM_TIMEOUT,
+            504,
+        ),
+        (
+            FakeResponse(error=httpx.ConnectError("no")),
+            None,
+            FailureType.UPSTREAM_UNREACHABLE,
+            502,
+        ),
         (
             FakeResponse(body=[b'{"error": {}}'], status=429, content_type="application/json"),
             None,
-            "upstream_status",
+            FailureType.UPSTREAM_STATUS,
             429,
         ),
     ],
@@ -168,7 +184,7 @@ async def test_client_disconnect_mid_stream_is_recorded(
 async def test_failures_are_recorded_with_their_type(
     respond: FakeResponse,
     timeouts: Timeouts | None,
-    error_type: str,
+    error_type: FailureType,
     status: int,
     autojump_clock: trio.testing.MockClock,
 ):
@@ -176,7 +192,7 @@ async def test_failures_are_recorded_with_their_type(
     gateway, _ = gateway_with(respond, sink, timeouts=timeouts or Timeouts())
     await request_for("chat").run(gateway)
     (record,) = sink.records
-    assert record.error_type == error_type
+    assert record.error_type is error_type
     assert record.status == status
     assert not record.cancelled
 
@@ -231,8 +247,8 @@ EARLY_USAGE = {"chat": (None, None), "messages": (42, 1), "responses": (None, No
 @pytest.mark.parametrize(
     ("ending", "timeouts", "error_type"),
     [
-        (httpx.RemoteProtocolError("cut"), Timeouts(), "upstream_reset"),
-        (STALL, Timeouts(idle=30), "idle_timeout"),
+        (httpx.RemoteProtocolError("cut"), Timeouts(), FailureType.UPSTREAM_RESET),
+        (STALL, Timeouts(idle=30), FailureType.IDLE_TIMEOUT),
     ],
     ids=["reset", "idle-timeout"],
 )
@@ -240,7 +256,7 @@ async def test_stream_failures_of_each_kind_keep_the_usage_seen_so_far(
     kind: str,
     ending: BodyStep,
     timeouts: Timeouts,
-    error_type: str,
+    error_type: FailureType,
     autojump_clock: trio.testing.MockClock,
 ):
     sink = ListSink()
@@ -248,11 +264,11 @@ async def test_stream_failures_of_each_kind_keep_the_usage_seen_so_far(
     gateway, _ = gateway_with(FakeResponse(body=[first_two, ending]), sink, timeouts=timeouts)
     await request_for(kind).run(gateway)
     (record,) = sink.records
-    assert record.error_type == error_type
+    assert record.error_type is error_type
     assert record.status == 200
     # message_start reports the input and the output "so far" (1).
     assert (record.usage.input_tokens, record.usage.output_tokens) == EARLY_USAGE[kind]
-    assert record.duration == pytest.approx(30 if error_type == "idle_timeout" else 0)
+    assert record.duration == pytest.approx(30 if error_type is FailureType.IDLE_TIMEOUT else 0)
 
 
 async def test_cancelled_stream_keeps_its_first_token_time_and_bytes(
@@ -288,20 +304,20 @@ async def test_stalled_client_and_shutdown_and_runaway_events_are_recorded(
         nursery.start_soon(stalled.run, gateway)
         await trio.sleep(20)
         stalled.reading.set()
-    assert stalled_sink.records[0].error_type == "client_stall"
+    assert stalled_sink.records[0].error_type is FailureType.CLIENT_STALL
 
     gateway, _ = gateway_with(FakeResponse(body=[events[0], STALL]), shutdown_sink)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(request_for("chat").run, gateway)
         await trio.sleep(1)
         await gateway.drain(grace=1)
-    assert shutdown_sink.records[0].error_type == "shutdown"
+    assert shutdown_sink.records[0].error_type is FailureType.SHUTDOWN
 
     gateway, _ = gateway_with(
         FakeResponse(body=[b"data: " + b"x" * 2000] * 100), runaway_sink, max_event_bytes=4096
     )
     await request_for("chat").run(gateway)
-    assert runaway_sink.records[0].error_type == "rewrite_error"
+    assert runaway_sink.records[0].error_type is FailureType.REWRITE_ERROR
 
 
 async def test_oversize_upstream_answer_is_recorded(autojump_clock: trio.testing.MockClock):
@@ -313,5 +329,5 @@ async def test_oversize_upstream_answer_is_recorded(autojump_clock: trio.testing
     call = await AsgiCall.json({"model": PUBLIC_MODEL, "messages": []}).run(gateway)
     assert call.status == 502
     (record,) = sink.records
-    assert record.error_type == "upstream_too_large"
+    assert record.error_type is FailureType.UPSTREAM_TOO_LARGE
     assert record.bytes_to_client == len(call.text)

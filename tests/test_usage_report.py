@@ -28,7 +28,9 @@ from trio_gateway._accounting.usage_report import (
     percentile,
     usage_report,
 )
-from trio_gateway._accounting.usage_store import SCHEMA_VERSION, UsageStore
+from trio_gateway._accounting.usage_rows import SCHEMA_VERSION
+from trio_gateway._accounting.usage_store import UsageStore
+from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord, Usage
 
 NOW = 1_700_000_000.0
@@ -43,12 +45,12 @@ def request(
     duration: float | None,
     *,
     status: int | None = 200,
-    error_type: str | None = None,
+    error_type: FailureType | None = None,
     **usage: Any,
 ) -> RequestRecord:
     return RequestRecord(
         request_id=request_id,
-        kind="chat",
+        kind=Kind.CHAT,
         key_name=key,
         public_model=model,
         upstream="openrouter",
@@ -60,17 +62,18 @@ def request(
         usage=Usage(**usage),
         ended_at=duration,
         error_type=error_type,
-        cancelled=error_type == "client_disconnect",
+        cancelled=error_type is FailureType.CLIENT_DISCONNECT,
     )
 
 
+LEFT, BAD_STATUS = FailureType.CLIENT_DISCONNECT, FailureType.UPSTREAM_STATUS
 RECORDS = [
     request("a1", "alice", "gpt-fast", 3600, 1.0, input_tokens=100, output_tokens=50, cost=0.25),
     request("a2", "alice", "gpt-fast", 7200, 3.0, input_tokens=200, output_tokens=100, cost=0.5),
-    request("a3", "alice", "claude-fast", 60, 0.5, error_type="client_disconnect", input_tokens=10),
+    request("a3", "alice", "claude-fast", 60, 0.5, error_type=LEFT, input_tokens=10),
     # Exactly 24 h old: on the window's edge, so inside it.
     request("a4", "alice", "gpt-fast", DAY, 2.0, input_tokens=1, output_tokens=1, cost=0.125),
-    request("b1", "bob", "claude-fast", 10, 0.25, status=502, error_type="upstream_status"),
+    request("b1", "bob", "claude-fast", 10, 0.25, status=502, error_type=BAD_STATUS),
     request("b2", "bob", "claude-fast", 20, 0.125, status=429),  # an error without a failure
     request("b3", "bob", "claude-fast", 30, 4.0, input_tokens=1000, output_tokens=2000, cost=1.5),
     request("c1", "carol", "gpt-fast", DAY + 1, 1.0, input_tokens=5, cost=9.0),  # too old
@@ -98,13 +101,17 @@ dave          1       0             0              0         -      -      -
 total         8       3         1,311          2,151  2.375000"""
 
 
+LIMIT = 30  # seconds: the absolute bound of a real-clock run (conftest.py rule 3)
+
+
 async def build(path: Path, records: list[RequestRecord]) -> None:
     store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        for record in records:
-            await store.submit(record)
-        await store.aclose()
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for record in records:
+                await store.submit(record)
+            await store.aclose()
     assert store.written == len(records)
 
 
@@ -148,15 +155,16 @@ def test_report_window(database: Path):
 
 
 async def test_report_reads_a_database_the_gateway_is_writing(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        for record in RECORDS:
-            await store.submit(record)
-        await store.flush()
-        assert usage_report(path, DAY, "key", NOW) == BY_KEY
-        await store.aclose()
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for record in RECORDS:
+                await store.submit(record)
+            await store.flush()
+            assert usage_report(path, DAY, "key", NOW) == BY_KEY
+            await store.aclose()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The request log: rows, schema, batching, shutdown, and a database slower than the traffic.
+"""The usage database: rows, schema, batching, shutdown, and a database slower than the traffic.
 
 Rules for this file, on top of ``conftest.py``:
 
@@ -12,6 +12,8 @@ Rules for this file, on top of ``conftest.py``:
   past any deadline while it runs.
 * A test that lets the store abandon a job joins the database thread before
   it ends, so no thread outlives its test.
+* Every test that runs on the real clock (a real database thread) carries an
+  absolute ``trio.fail_after(LIMIT)`` (``conftest.py`` rule 3).
 """
 
 from __future__ import annotations
@@ -30,25 +32,30 @@ import pytest
 import trio
 import trio.testing
 
-from trio_gateway._accounting.usage_store import (
+from trio_gateway._accounting.json_log import LOG_FIELDS, format_record
+from trio_gateway._accounting.usage_rows import (
     COLUMNS,
+    INSERT,
+    SCHEMA,
     SCHEMA_VERSION,
     Row,
-    SchemaError,
-    UsageStore,
     record_from_row,
     record_to_row,
+    row_from_spill_line,
+    spill_line,
 )
-from trio_gateway._core.kinds import FailureType
-from trio_gateway._core.record import RequestRecord, Usage
+from trio_gateway._accounting.usage_store import SchemaError, UsageStore
+from trio_gateway._core.kinds import FailureType, Kind
+from trio_gateway._core.record import FIELDS, UNSTORED, RequestRecord, Usage
 
 WALL = 1_700_000_000.25  # exactly representable, like every time below
+LIMIT = 30  # seconds: the absolute bound of a real-clock test; a normal run takes well under 1
 
 
 def make_record(request_id: str, **fields: Any) -> RequestRecord:
     base: dict[str, Any] = {
         "request_id": request_id,
-        "kind": "chat",
+        "kind": Kind.CHAT,
         "key_name": "alice",
         "public_model": "gpt-fast",
         "upstream": "openrouter",
@@ -84,7 +91,7 @@ SHAPES: dict[str, RequestRecord] = {
     ),
     "cancelled_mid_stream": make_record(
         "req-cancelled",
-        kind="messages",
+        kind=Kind.MESSAGES,
         key_name="bob",
         public_model="claude-fast",
         upstream="anthropic",
@@ -101,7 +108,7 @@ SHAPES: dict[str, RequestRecord] = {
     ),
     "upstream_reset": make_record(
         "req-reset",
-        kind="responses",
+        kind=Kind.RESPONSES,
         headers_at=100.5,
         first_token_at=101.0,
         ended_at=103.0,
@@ -126,7 +133,7 @@ SHAPES: dict[str, RequestRecord] = {
     ),
     "embeddings_no_cost": make_record(
         "req-embed",
-        kind="embeddings",
+        kind=Kind.EMBEDDINGS,
         streamed=False,
         usage=Usage(input_tokens=8),
         headers_at=100.0625,
@@ -145,7 +152,6 @@ def as_stored(record: RequestRecord) -> RequestRecord:
         headers_at=record.time_to_headers,
         first_token_at=record.time_to_first_token,
         ended_at=record.duration,
-        error_type=None if record.error_type is None else str(record.error_type),
     )
 
 
@@ -244,88 +250,191 @@ def test_row_columns_are_flat_and_durations():
     assert type(reset["error_type"]) is str  # the StrEnum's plain value
 
 
+def test_rows_keep_text_and_give_enums_back():
+    row = dict(zip(COLUMNS, record_to_row(SHAPES["cancelled_mid_stream"]), strict=True))
+    assert (row["kind"], row["error_type"]) == ("messages", "client_disconnect")
+    assert type(row["kind"]) is str
+    back = record_from_row(row)
+    assert back.kind is Kind.MESSAGES
+    assert back.error_type is FailureType.CLIENT_DISCONNECT
+    assert {record_from_row(record_to_row(record)).kind for record in SHAPES.values()} <= set(Kind)
+    with pytest.raises(ValueError, match="not a kind label: 'chats'"):
+        record_from_row({**row, "kind": "chats"})
+    with pytest.raises(ValueError, match="'no_such_failure' is not a valid FailureType"):
+        record_from_row({**row, "error_type": "no_such_failure"})
+
+
+# Version 1 of the schema, as version-1 databases hold it: deriving it from
+# FIELDS must not change one byte (a change needs a new SCHEMA_VERSION).
+SCHEMA_V1 = """
+CREATE TABLE requests (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    public_model TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    upstream_model TEXT NOT NULL,
+    streamed INTEGER NOT NULL,          -- 0 or 1
+    started_wall REAL NOT NULL,         -- unix time
+    status INTEGER,                     -- the HTTP status the client got
+    input_tokens INTEGER,               -- NULL: not reported
+    output_tokens INTEGER,
+    cached_tokens INTEGER,
+    cache_write_tokens INTEGER,
+    reasoning_tokens INTEGER,
+    cost REAL,                          -- the upstream's figure
+    upstream_id TEXT,
+    finish_reason TEXT,
+    time_to_headers REAL,               -- seconds from start
+    time_to_first_token REAL,
+    duration REAL,
+    bytes_to_client INTEGER NOT NULL,
+    cancelled INTEGER NOT NULL,         -- 0 or 1: the client left first
+    error_type TEXT                     -- NULL for a clean end
+);
+CREATE INDEX requests_started_wall ON requests (started_wall);
+CREATE INDEX requests_key_name ON requests (key_name);
+CREATE INDEX requests_public_model ON requests (public_model);
+"""
+
+
+def test_schema_version_1_is_frozen():
+    assert SCHEMA_VERSION == 1
+    assert SCHEMA == SCHEMA_V1
+    assert INSERT == (
+        "INSERT INTO requests (request_id, kind, key_name, public_model, upstream,"
+        " upstream_model, streamed, started_wall, status, input_tokens, output_tokens,"
+        " cached_tokens, cache_write_tokens, reasoning_tokens, cost, upstream_id,"
+        " finish_reason, time_to_headers, time_to_first_token, duration, bytes_to_client,"
+        " cancelled, error_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+        " ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+    )
+
+
+def test_one_field_list_drives_the_schema_the_rows_and_the_log():
+    names = [f.name for f in FIELDS]
+    assert len(set(names)) == len(names)
+    assert tuple(names) == COLUMNS
+    # Every field reads a real attribute (or property) and is read back into a real one.
+    record_fields = set(RequestRecord.__dataclass_fields__)
+    usage_fields = set(Usage.__dataclass_fields__)
+    for f in FIELDS:
+        owner = Usage if f.usage else RequestRecord
+        assert hasattr(owner, f.name), f.name
+        assert f.attribute in (usage_fields if f.usage else record_fields), f.name
+    # Every attribute of the record and of its usage is stored exactly once, or said not to be.
+    restored = [f.attribute for f in FIELDS if not f.usage]
+    assert sorted(restored) == sorted(record_fields - UNSTORED)
+    assert sorted(f.attribute for f in FIELDS if f.usage) == sorted(usage_fields)
+    assert record_fields >= UNSTORED
+    # The table a fresh database gets has exactly these columns, types and NOT NULLs.
+    with sqlite3.connect(":memory:") as conn:
+        for statement in SCHEMA.split(";"):
+            conn.execute(statement)
+        table = [row[1:4] for row in conn.execute("PRAGMA table_info(requests)")]
+    assert table == [
+        ("id", "INTEGER", 0),
+        *((f.name, f.codec.sql_type, int(f.not_null)) for f in FIELDS),
+    ]
+    # A row, a spill line and a log line each hold every field, in the declared order.
+    record = SHAPES["completed"]
+    row = record_to_row(record)
+    assert len(row) == len(COLUMNS) == INSERT.count("?")
+    assert list(orjson.loads(spill_line(row))) == list(COLUMNS)
+    assert row_from_spill_line(spill_line(row).rstrip(b"\n")) == row
+    assert sorted(LOG_FIELDS) == sorted(f.key for f in FIELDS)
+    assert len(set(LOG_FIELDS)) == len(LOG_FIELDS)
+    assert list(orjson.loads(format_record(record))) == list(LOG_FIELDS)
+
+
 # --- the database -------------------------------------------------------------------
 
 
 async def test_every_shape_written_and_read_back_exactly(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        for record in SHAPES.values():
-            await store.submit(record)
-        await store.aclose()
-    assert store.written == len(SHAPES)
-    assert (store.spilled, store.dropped, store.write_errors) == (0, 0, 0)
-    rows = read_rows(path)
-    assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
-    assert rows[0] == dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
-    assert rows[0]["cost"] == 0.000123
-    assert rows[1]["error_type"] == "client_disconnect"
-    assert rows[1]["cancelled"] == 1
-
-
-async def test_wal_mode_schema_version_and_indexes(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        indexes = {
-            row[0]: row[1]
-            for row in conn.execute(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
-            )
-        }
-        columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]
-    assert sorted(indexes) == [
-        "requests_key_name",
-        "requests_public_model",
-        "requests_started_wall",
-    ]
-    assert columns == ["id", *COLUMNS]
-
-
-async def test_reopening_keeps_rows_and_version(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    for record in (SHAPES["completed"], SHAPES["upstream_reset"]):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
         store = UsageStore(path)
         async with trio.open_nursery() as nursery:
             await writing(store, nursery)
-            await store.submit(record)
+            for record in SHAPES.values():
+                await store.submit(record)
             await store.aclose()
-    assert stored_ids(path) == ["req-completed", "req-reset"]
+        assert store.written == len(SHAPES)
+        assert (store.spilled, store.dropped, store.write_errors) == (0, 0, 0)
+        rows = read_rows(path)
+        assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
+        assert rows[0] == dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
+        assert rows[0]["cost"] == 0.000123
+        assert rows[1]["error_type"] == "client_disconnect"
+        assert rows[1]["cancelled"] == 1
+
+
+async def test_wal_mode_schema_version_and_indexes(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            indexes = {
+                row[0]: row[1]
+                for row in conn.execute(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+                )
+            }
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]
+        assert sorted(indexes) == [
+            "requests_key_name",
+            "requests_public_model",
+            "requests_started_wall",
+        ]
+        assert columns == ["id", *COLUMNS]
+
+
+async def test_reopening_keeps_rows_and_version(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        for record in (SHAPES["completed"], SHAPES["upstream_reset"]):
+            store = UsageStore(path)
+            async with trio.open_nursery() as nursery:
+                await writing(store, nursery)
+                await store.submit(record)
+                await store.aclose()
+        assert stored_ids(path) == ["req-completed", "req-reset"]
 
 
 async def test_newer_schema_is_refused(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    store = UsageStore(path)
-    await store.submit(SHAPES["completed"])  # queued before run: must not be lost
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(SchemaError, match=r"schema version 2, newer than .* \(1\)"):
-            await nursery.start(store.run)
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
-        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
-    assert spill_ids(store) == ["req-completed"]
-    assert store.spilled == 1
-    await store.submit(SHAPES["upstream_reset"])  # the writer is gone: spilled too
-    assert spill_ids(store) == ["req-completed", "req-reset"]
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        with sqlite3.connect(path) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        store = UsageStore(path)
+        await store.submit(SHAPES["completed"])  # queued before run: must not be lost
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(SchemaError, match=r"schema version 2, newer than .* \(1\)"):
+                await nursery.start(store.run)
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+            assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+        assert spill_ids(store) == ["req-completed"]
+        assert store.spilled == 1
+        await store.submit(SHAPES["upstream_reset"])  # the writer is gone: spilled too
+        assert spill_ids(store) == ["req-completed", "req-reset"]
 
 
 async def test_unversioned_requests_table_is_refused(tmp_path: Path):
-    path = tmp_path / "other.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE requests (x)")
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(SchemaError, match="not a trio-gateway usage database"):
-            await nursery.start(store.run)
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "other.db"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE requests (x)")
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(SchemaError, match="not a trio-gateway usage database"):
+                await nursery.start(store.run)
 
 
 def test_settings_are_checked():
@@ -343,162 +452,172 @@ def test_settings_are_checked():
 
 
 async def test_writer_takes_what_is_queued_up_to_batch_size(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = GatedStore(path, queue_size=16, batch_size=4)
-    ids = [f"req-{i:02}" for i in range(10)]
-    for request_id in ids:
-        await store.submit(make_record(request_id))
-    assert store.queued == 10
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.flush()
-        assert store.queued == 0
-        assert store.batches == [ids[0:4], ids[4:8], ids[8:10]]
-        await store.submit(make_record("req-late"))
-        await store.aclose()
-    assert store.batches[-1] == ["req-late"]
-    assert store.written == 11
-    assert stored_ids(path) == sorted([*ids, "req-late"])
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = GatedStore(path, queue_size=16, batch_size=4)
+        ids = [f"req-{i:02}" for i in range(10)]
+        for request_id in ids:
+            await store.submit(make_record(request_id))
+        assert store.queued == 10
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.flush()
+            assert store.queued == 0
+            assert store.batches == [ids[0:4], ids[4:8], ids[8:10]]
+            await store.submit(make_record("req-late"))
+            await store.aclose()
+        assert store.batches[-1] == ["req-late"]
+        assert store.written == 11
+        assert stored_ids(path) == sorted([*ids, "req-late"])
 
 
 async def test_memory_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.chdir(tmp_path)
-    store = UsageStore(":memory:")
-    assert store.spill_path is None
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        for record in SHAPES.values():
-            await store.submit(record)
-        await store.flush()
-        rows = await store.call_on_connection(
-            lambda conn: conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests").fetchall()
-        )
-        mode = await store.call_on_connection(
-            lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0]
-        )
-        await store.aclose()
-    assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
-    assert mode == "memory"  # WAL does not apply to a database in memory
-    assert file_names(tmp_path) == []
-    with pytest.raises(RuntimeError, match="not running"):
-        await store.call_on_connection(lambda conn: None)
+    with trio.fail_after(LIMIT):
+        monkeypatch.chdir(tmp_path)
+        store = UsageStore(":memory:")
+        assert store.spill_path is None
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            for record in SHAPES.values():
+                await store.submit(record)
+            await store.flush()
+            rows = await store.call_on_connection(
+                lambda conn: conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests").fetchall()
+            )
+            mode = await store.call_on_connection(
+                lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0]
+            )
+            await store.aclose()
+        assert [record_from_row(row) for row in rows] == [as_stored(r) for r in SHAPES.values()]
+        assert mode == "memory"  # WAL does not apply to a database in memory
+        assert file_names(tmp_path) == []
+        with pytest.raises(RuntimeError, match="not running"):
+            await store.call_on_connection(lambda conn: None)
 
 
 async def test_memory_database_counts_and_logs_what_it_cannot_spill(
     caplog: pytest.LogCaptureFixture,
 ):
-    store = UsageStore(":memory:")
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    with caplog.at_level(logging.ERROR, logger="trio_gateway.usage"):
-        await store.submit(SHAPES["completed"])
-    assert (store.spilled, store.dropped) == (0, 1)
-    [message] = [r.getMessage() for r in caplog.records if r.name == "trio_gateway.usage"]
-    assert "1 record(s) dropped (the usage store is closed)" in message
-    line = message.splitlines()[-1]
-    assert orjson.loads(line) == dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True))
+    with trio.fail_after(LIMIT):
+        store = UsageStore(":memory:")
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        with caplog.at_level(logging.ERROR, logger="trio_gateway.usage"):
+            await store.submit(SHAPES["completed"])
+        assert (store.spilled, store.dropped) == (0, 1)
+        [message] = [r.getMessage() for r in caplog.records if r.name == "trio_gateway.usage"]
+        assert "1 record(s) dropped (the usage store is closed)" in message
+        line = message.splitlines()[-1]
+        assert orjson.loads(line) == dict(
+            zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)
+        )
 
 
 # --- shutdown ----------------------------------------------------------------------
 
 
 async def test_shutdown_writes_every_pending_record(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path, queue_size=1000, batch_size=64)
-    ids = [f"req-{i:04}" for i in range(600)]
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        for request_id in ids:
-            await store.submit(make_record(request_id))
-        assert store.queued > 0  # the writer has not caught up: aclose must drain
-        await store.aclose()
-    assert store.written == 600
-    assert (store.spilled, store.dropped, store.queued) == (0, 0, 0)
-    assert stored_ids(path) == ids
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path, queue_size=1000, batch_size=64)
+        ids = [f"req-{i:04}" for i in range(600)]
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            for request_id in ids:
+                await store.submit(make_record(request_id))
+            assert store.queued > 0  # the writer has not caught up: aclose must drain
+            await store.aclose()
+        assert store.written == 600
+        assert (store.spilled, store.dropped, store.queued) == (0, 0, 0)
+        assert stored_ids(path) == ids
 
 
 async def test_close_before_run_spills_the_queue(tmp_path: Path):
-    store = UsageStore(tmp_path / "usage.db")
-    await store.submit(SHAPES["completed"])
-    await store.aclose()
-    assert spill_ids(store) == ["req-completed"]
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)  # returns at once
-    assert not (tmp_path / "usage.db").exists()
-    with pytest.raises(RuntimeError, match="only be called once"):
-        await store.run()
+    with trio.fail_after(LIMIT):
+        store = UsageStore(tmp_path / "usage.db")
+        await store.submit(SHAPES["completed"])
+        await store.aclose()
+        assert spill_ids(store) == ["req-completed"]
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)  # returns at once
+        assert not (tmp_path / "usage.db").exists()
+        with pytest.raises(RuntimeError, match="only be called once"):
+            await store.run()
 
 
 async def test_submit_after_close_spills_and_next_start_imports(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.submit(SHAPES["completed"])
-        await store.aclose()
-    await store.submit(SHAPES["upstream_reset"])
-    await store.flush()  # closed: returns at once
-    assert (store.written, store.spilled) == (1, 1)
-    assert spill_ids(store) == ["req-reset"]
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(SHAPES["completed"])
+            await store.aclose()
+        await store.submit(SHAPES["upstream_reset"])
+        await store.flush()  # closed: returns at once
+        assert (store.written, store.spilled) == (1, 1)
+        assert spill_ids(store) == ["req-reset"]
 
-    again = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(again, nursery)
-        assert (again.imported, again.duplicates, again.rejected) == (1, 0, 0)
-        await again.aclose()
-    assert again.spill_path is not None
-    assert not again.spill_path.exists()
-    assert stored_ids(path) == ["req-completed", "req-reset"]
-    [reset] = [row for row in read_rows(path) if row["request_id"] == "req-reset"]
-    assert record_from_row(reset) == as_stored(SHAPES["upstream_reset"])
+        again = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(again, nursery)
+            assert (again.imported, again.duplicates, again.rejected) == (1, 0, 0)
+            await again.aclose()
+        assert again.spill_path is not None
+        assert not again.spill_path.exists()
+        assert stored_ids(path) == ["req-completed", "req-reset"]
+        [reset] = [row for row in read_rows(path) if row["request_id"] == "req-reset"]
+        assert record_from_row(reset) == as_stored(SHAPES["upstream_reset"])
 
 
 # --- cancellation -------------------------------------------------------------------
 
 
 async def test_submit_from_a_cancelled_task_still_queues(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path)
-    reached = False
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        await store.submit(SHAPES["cancelled_mid_stream"])
-        reached = True
-        await trio.lowlevel.checkpoint()
-    assert reached
-    assert scope.cancelled_caught
-    assert store.queued == 1
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    assert stored_ids(path) == ["req-cancelled"]
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path)
+        reached = False
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.submit(SHAPES["cancelled_mid_stream"])
+            reached = True
+            await trio.lowlevel.checkpoint()
+        assert reached
+        assert scope.cancelled_caught
+        assert store.queued == 1
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        assert stored_ids(path) == ["req-cancelled"]
 
 
 async def test_cancelled_writer_spills_batch_in_flight_and_queue(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = GatedStore(path)
-    store.gate.clear()
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.submit(make_record("req-in-flight"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert store.queued == 0  # the writer took it and waits on the database
-        await store.submit(make_record("req-queued"))
-        nursery.cancel_scope.cancel()
-    assert spill_ids(store) == ["req-in-flight", "req-queued"]
-    assert (store.spilled, store.written) == (2, 0)
-    await store.submit(make_record("req-after"))
-    assert store.spilled == 3
-    store.gate.set()  # the abandoned insert now commits: the re-import must not double it
-    await join_thread(store)
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = GatedStore(path)
+        store.gate.clear()
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(make_record("req-in-flight"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.queued == 0  # the writer took it and waits on the database
+            await store.submit(make_record("req-queued"))
+            nursery.cancel_scope.cancel()
+        assert spill_ids(store) == ["req-in-flight", "req-queued"]
+        assert (store.spilled, store.written) == (2, 0)
+        await store.submit(make_record("req-after"))
+        assert store.spilled == 3
+        store.gate.set()  # the abandoned insert now commits: the re-import must not double it
+        await join_thread(store)
 
-    again = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(again, nursery)
-        await again.aclose()
-    assert (again.imported, again.duplicates) == (2, 1)
-    assert stored_ids(path) == ["req-after", "req-in-flight", "req-queued"]
+        again = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(again, nursery)
+            await again.aclose()
+        assert (again.imported, again.duplicates) == (2, 1)
+        assert stored_ids(path) == ["req-after", "req-in-flight", "req-queued"]
 
 
 # --- a database slower than the traffic --------------------------------------------------
@@ -582,78 +701,84 @@ async def test_drain_is_bounded_and_what_is_left_is_spilled(
 async def test_write_error_is_counted_logged_spilled_and_writing_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    path = tmp_path / "usage.db"
-    store = GatedStore(path)
-    store.failures.append(sqlite3.OperationalError("disk I/O error"))
-    with caplog.at_level(logging.WARNING, logger="trio_gateway.usage"):
-        async with trio.open_nursery() as nursery:
-            await writing(store, nursery)
-            await store.submit(make_record("req-failed"))
-            await store.flush()
-            await store.submit(make_record("req-next"))
-            await store.aclose()
-    assert (store.write_errors, store.spilled, store.written) == (1, 1, 1)
-    assert stored_ids(path) == ["req-next"]
-    assert spill_ids(store) == ["req-failed"]
-    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
-    assert (
-        "ERROR",
-        "usage database: writing 1 record(s) failed: OperationalError('disk I/O error');"
-        " spilling them",
-    ) in messages
-    assert any(level == "WARNING" and "spilled to" in text for level, text in messages)
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = GatedStore(path)
+        store.failures.append(sqlite3.OperationalError("disk I/O error"))
+        with caplog.at_level(logging.WARNING, logger="trio_gateway.usage"):
+            async with trio.open_nursery() as nursery:
+                await writing(store, nursery)
+                await store.submit(make_record("req-failed"))
+                await store.flush()
+                await store.submit(make_record("req-next"))
+                await store.aclose()
+        assert (store.write_errors, store.spilled, store.written) == (1, 1, 1)
+        assert stored_ids(path) == ["req-next"]
+        assert spill_ids(store) == ["req-failed"]
+        messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+        assert (
+            "ERROR",
+            "usage database: writing 1 record(s) failed: OperationalError('disk I/O error');"
+            " spilling them",
+        ) in messages
+        assert any(level == "WARNING" and "spilled to" in text for level, text in messages)
 
 
 async def test_batch_is_one_transaction_and_bad_rows_are_rejected_not_lost(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    store = UsageStore(path, queue_size=8)
-    bad = make_record("req-bad", key_name=None)  # NOT NULL: the database refuses it
-    for record in (make_record("req-a"), bad, make_record("req-b")):
-        await store.submit(record)  # queued before run: one batch
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    assert (store.write_errors, store.written, store.spilled) == (1, 0, 3)
-    assert stored_ids(path) == []  # the whole batch rolled back
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = UsageStore(path, queue_size=8)
+        bad = make_record("req-bad", key_name=None)  # NOT NULL: the database refuses it
+        for record in (make_record("req-a"), bad, make_record("req-b")):
+            await store.submit(record)  # queued before run: one batch
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        assert (store.write_errors, store.written, store.spilled) == (1, 0, 3)
+        assert stored_ids(path) == []  # the whole batch rolled back
 
-    again = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(again, nursery)
-        await again.aclose()
-    assert (again.imported, again.duplicates, again.rejected) == (2, 0, 1)
-    assert stored_ids(path) == ["req-a", "req-b"]
-    assert again.spill_path is not None
-    rejected = again.spill_path.with_name(again.spill_path.name + ".rejected")
-    [line] = rejected.read_bytes().splitlines()
-    assert orjson.loads(line)["request_id"] == "req-bad"
+        again = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(again, nursery)
+            await again.aclose()
+        assert (again.imported, again.duplicates, again.rejected) == (2, 0, 1)
+        assert stored_ids(path) == ["req-a", "req-b"]
+        assert again.spill_path is not None
+        rejected = again.spill_path.with_name(again.spill_path.name + ".rejected")
+        [line] = rejected.read_bytes().splitlines()
+        assert orjson.loads(line)["request_id"] == "req-bad"
 
 
 async def test_unreadable_spill_lines_are_kept_aside(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    spill = tmp_path / "usage.db.spill.jsonl"
-    good = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
-    spill.write_bytes(b'{"request_id": "cut sho\n' + good + b"\n\n[1, 2]\n")
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    assert (store.imported, store.rejected) == (1, 2)
-    assert stored_ids(path) == ["req-completed"]
-    assert not spill.exists()
-    rejected = tmp_path / "usage.db.spill.jsonl.rejected"
-    assert rejected.read_bytes() == b'{"request_id": "cut sho\n[1, 2]\n'
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        spill = tmp_path / "usage.db.spill.jsonl"
+        good = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
+        spill.write_bytes(b'{"request_id": "cut sho\n' + good + b"\n\n[1, 2]\n")
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        assert (store.imported, store.rejected) == (1, 2)
+        assert stored_ids(path) == ["req-completed"]
+        assert not spill.exists()
+        rejected = tmp_path / "usage.db.spill.jsonl.rejected"
+        assert rejected.read_bytes() == b'{"request_id": "cut sho\n[1, 2]\n'
 
 
 async def test_interrupted_import_is_finished_first(tmp_path: Path):
-    path = tmp_path / "usage.db"
-    line = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
-    other = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True)))
-    (tmp_path / "usage.db.spill.jsonl.importing").write_bytes(line + b"\n")
-    (tmp_path / "usage.db.spill.jsonl").write_bytes(other + b"\n")
-    store = UsageStore(path)
-    async with trio.open_nursery() as nursery:
-        await writing(store, nursery)
-        await store.aclose()
-    assert store.imported == 2
-    assert stored_ids(path) == ["req-completed", "req-reset"]
-    assert [name for name in file_names(tmp_path) if "spill" in name] == []
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        line = orjson.dumps(dict(zip(COLUMNS, record_to_row(SHAPES["completed"]), strict=True)))
+        other = orjson.dumps(
+            dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True))
+        )
+        (tmp_path / "usage.db.spill.jsonl.importing").write_bytes(line + b"\n")
+        (tmp_path / "usage.db.spill.jsonl").write_bytes(other + b"\n")
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        assert store.imported == 2
+        assert stored_ids(path) == ["req-completed", "req-reset"]
+        assert [name for name in file_names(tmp_path) if "spill" in name] == []

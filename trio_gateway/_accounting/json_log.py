@@ -1,18 +1,22 @@
 """The request log: one JSON line per finished request.
 
+(The request log is this JSON line log only. The SQLite file that keeps
+every record is the usage database, :mod:`~trio_gateway._accounting.usage_store`.)
+
 Theory of operation
 ===================
 
-1. **What a line holds.** :func:`format_record` is pure: it picks a fixed
-   list of fields from a :class:`~trio_gateway._record.RequestRecord` (an
-   allowlist, so a field added to the record later is not logged until
-   someone adds it here) and serialises them with orjson on one line. It
-   holds names, figures and ids, never prompt or completion text, never a
-   key: the record has no key, only the configured key *name*, and no
-   error message, only the failure type. Strings that come from the upstream
-   (its response id, the finish reason) are cut to
-   :data:`MAX_UPSTREAM_TEXT` characters, so a hostile upstream cannot make a
-   line huge.
+1. **What a line holds.** :func:`format_record` is pure: it writes the
+   fields declared in :data:`trio_gateway._core.record.FIELDS`, each under
+   its log key and in its log form (durations in milliseconds, the start as
+   ISO 8601 UTC), serialised with orjson on one line. That declaration is
+   an allowlist: an attribute added to the record is not logged until
+   someone declares it there. A line holds names, figures and ids, never
+   prompt or completion text, never a key: the record has no key, only the
+   configured key *name*, and no error message, only the failure type.
+   Strings that come from the upstream (its response id, the finish reason)
+   are cut to :data:`~trio_gateway._core.record.MAX_UPSTREAM_TEXT`
+   characters, so a hostile upstream cannot make a line huge.
 2. **Where it goes.** :class:`RequestLogger` takes a destination and a level:
 
    * ``"logging"``: a record on the stdlib logger ``trio_gateway.requests``
@@ -36,15 +40,14 @@ import logging
 import logging.handlers
 import queue
 import sys
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import orjson
 import trio
 
 from trio_gateway._core.config import LOG_LEVELS as LEVELS
-from trio_gateway._core.record import RequestRecord
+from trio_gateway._core.record import FIELDS, RequestRecord
 
 __all__ = [
     "LEVELS",
@@ -59,35 +62,14 @@ __all__ = [
 LOGGER_NAME: Final = "trio_gateway.requests"
 TO_LOGGING: Final = "logging"
 TO_STDERR: Final = "-"
-MAX_UPSTREAM_TEXT: Final = 256
 DEFAULT_MAX_PENDING: Final = 10_000
 
-# Every key of a line, in order; format_record emits exactly these.
-LOG_FIELDS: Final = (
-    "time",  # when the request was routed: ISO 8601, UTC, milliseconds
-    "request_id",
-    "kind",
-    "key_name",
-    "public_model",
-    "upstream",
-    "upstream_model",
-    "streamed",
-    "status",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost",
-    "upstream_id",
-    "finish_reason",
-    "time_to_headers_ms",
-    "time_to_first_token_ms",
-    "duration_ms",
-    "bytes_to_client",
-    "cancelled",
-    "error_type",
+# The fields of a line, in order: those marked log_first, then the others in column order.
+_LOGGED: Final = tuple(f for f in FIELDS if f.log_first) + tuple(
+    f for f in FIELDS if not f.log_first
 )
+#: Every key of a line, in order; format_record emits exactly these.
+LOG_FIELDS: Final = tuple(f.key for f in _LOGGED)
 
 
 def format_record(record: RequestRecord) -> str:
@@ -96,46 +78,7 @@ def format_record(record: RequestRecord) -> str:
     Missing figures are ``null``; timings are milliseconds rounded to the
     microsecond. Never raises for a record built from any upstream answer.
     """
-    usage = record.usage
-    line: dict[str, Any] = {
-        "time": datetime.fromtimestamp(record.started_wall, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
-        "request_id": record.request_id,
-        "kind": record.kind,
-        "key_name": record.key_name,
-        "public_model": record.public_model,
-        "upstream": record.upstream,
-        "upstream_model": record.upstream_model,
-        "streamed": record.streamed,
-        "status": record.status,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "cost": usage.cost,
-        "upstream_id": _upstream_text(record.upstream_id),
-        "finish_reason": _upstream_text(record.finish_reason),
-        "time_to_headers_ms": _ms(record.time_to_headers),
-        "time_to_first_token_ms": _ms(record.time_to_first_token),
-        "duration_ms": _ms(record.duration),
-        "bytes_to_client": record.bytes_to_client,
-        "cancelled": record.cancelled,
-        "error_type": record.error_type,
-    }
-    return orjson.dumps(line).decode()
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
-
-
-def _upstream_text(value: str | None) -> str | None:
-    """Cut to MAX_UPSTREAM_TEXT, with anything orjson refuses (lone surrogates) replaced."""
-    if value is None:
-        return None
-    return value[:MAX_UPSTREAM_TEXT].encode("utf-8", "replace").decode("utf-8")
+    return orjson.dumps({f.key: f.log(record) for f in _LOGGED}).decode()
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):

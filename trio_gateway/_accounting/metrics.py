@@ -9,7 +9,7 @@ Theory of operation
    neither clash nor share figures. :meth:`GatewayMetrics.render` produces
    the text exposition from that registry alone.
 2. **Finished records feed most figures.** :meth:`GatewayMetrics.observe`
-   takes one finished :class:`~trio_gateway._record.RequestRecord` and
+   takes one finished :class:`~trio_gateway._core.record.RequestRecord` and
    updates everything a record can tell: requests by kind/model/status, the
    three latency histograms, tokens, cancellations and failures. It is called
    once per request, so its label look-ups cost nothing that matters.
@@ -17,7 +17,7 @@ Theory of operation
    open upstream exchanges are gauges moved by ``*_started``/``*_ended`` (or
    the ``with`` forms, which also end on cancellation). Keepalives and the
    gateway's own added latency come through the
-   :class:`~trio_gateway._pipeline.StreamObserver` calls
+   :class:`~trio_gateway._proxy.pipeline.StreamObserver` calls
    (:meth:`GatewayMetrics.keepalive_sent`,
    :meth:`GatewayMetrics.chunk_forwarded`), made per send on the hot path:
    they touch metrics without labels, bound at construction, so no label
@@ -25,14 +25,15 @@ Theory of operation
 4. **The usage store's health is read at scrape time.** A collector reads
    the store's counters (:class:`StoreHealth`) when ``/metrics`` is rendered,
    so the figures are never stale and the store never calls into metrics.
-5. **Label values are bounded.** ``kind`` is one of the five kind labels,
-   ``type`` a :class:`~trio_gateway._kinds.FailureType` value and ``status``
-   an HTTP status. ``model`` is the public model name, the only label that
-   starts as client data; a record exists only after that name was found in
-   the configuration, so unknown values cannot occur. Even so, a value
-   outside the known sets is counted under ``"other"`` (for ``model``, when
-   the configured names are given), so no client can grow the number of
-   series.
+5. **Label values are bounded.** ``kind`` is the label of a
+   :class:`~trio_gateway._core.kinds.Kind`, ``type`` the value of a
+   :class:`~trio_gateway._core.kinds.FailureType` and ``status`` an HTTP
+   status. ``model`` is the public model name, the only label that starts
+   as client data; a record exists only after that name was found in the
+   configuration, so unknown values cannot occur. Even so, a value outside
+   the known sets (from an untyped caller, say) is counted under
+   ``"other"`` (for ``model``, when the configured names are given), so no
+   client can grow the number of series.
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ ADDED_LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 
-_KINDS = frozenset(kind.label for kind in Kind)
-_FAILURE_TYPES = frozenset(failure.value for failure in FailureType)
+# Label values by member; anything else (None included) is OTHER.
+_KIND_LABELS: dict[object, str] = {kind: kind.label for kind in Kind}
+_FAILURE_LABELS: dict[object, str] = {failure: failure.value for failure in FailureType}
 
 
 class StoreHealth(Protocol):
     """What the usage store reports about itself; read at every scrape.
 
-    :class:`~trio_gateway._usage_store.UsageStore` satisfies it; plain
+    :class:`~trio_gateway._accounting.usage_store.UsageStore` satisfies it; plain
     attributes do too. All but ``queued`` count records since start.
     """
 
@@ -310,13 +312,14 @@ class GatewayMetrics:
 
     # -- finished records ------------------------------------------------------------
 
-    def refused(self, kind: str | None, status: int) -> None:
+    def refused(self, kind: Kind | None, status: int) -> None:
         """Count a request answered before routing (bad key, unknown model, ...).
 
         Such a request has no record; it is counted with the model label
-        ``"none"``, so a flood of refusals is visible.
+        ``"none"``, so a flood of refusals is visible. ``kind`` is None for a
+        path that is not one of the API routes (counted as ``"other"``).
         """
-        kind_label = kind if kind in _KINDS else OTHER
+        kind_label = _KIND_LABELS.get(kind, OTHER)
         self._requests.labels(kind_label, "none", _status_label(status)).inc()
 
     def observe(self, record: RequestRecord) -> None:
@@ -327,7 +330,7 @@ class GatewayMetrics:
         or negative count adds nothing); the cancellation counter if the
         client left; and the failure counter if ``error_type`` is set.
         """
-        kind = record.kind if record.kind in _KINDS else OTHER
+        kind = _KIND_LABELS.get(record.kind, OTHER)
         model = record.public_model
         if self._models is not None and model not in self._models:
             model = OTHER
@@ -347,7 +350,7 @@ class GatewayMetrics:
         if record.cancelled:
             self._cancellations.labels(kind, model).inc()
         if record.error_type is not None:
-            failure = record.error_type if record.error_type in _FAILURE_TYPES else OTHER
+            failure = _FAILURE_LABELS.get(record.error_type, OTHER)
             self._failures.labels(kind, model, failure).inc()
 
     # -- exposition --------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""``trio-gateway usage``: who used what, from the request log. No Trio.
+"""``trio-gateway usage``: who used what, from the usage database. No Trio.
 
 :func:`usage_report` reads the ``requests`` table that
-:class:`~trio_gateway._usage_store.UsageStore` writes. It opens the database
-read-only, so it is safe to run next to a live gateway (WAL mode lets readers
-and the writer work at the same time). It groups the requests that started
+:class:`~trio_gateway._accounting.usage_store.UsageStore` writes. It opens
+the database read-only, so it is safe to run next to a live gateway (WAL
+mode lets readers and the writer work at the same time). It groups the requests that started
 in a window by client key or by public model. Percentiles are computed here
 in Python (nearest rank), not in SQL. Formatting is kept apart and is pure:
 :func:`format_table` for a person, :func:`format_json` for scripts.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trio_gateway._accounting.usage_store import SCHEMA_VERSION
+from trio_gateway._accounting.usage_rows import SCHEMA_VERSION
 
 __all__ = [
     "ReportError",

@@ -1,4 +1,9 @@
-"""The request log: one row per finished request, in SQLite.
+"""The usage database (the usage store): one row per finished request, in SQLite.
+
+The rows themselves (schema, row mapping, spill lines) are
+:mod:`~trio_gateway._accounting.usage_rows`; the spill file is
+:mod:`~trio_gateway._accounting.spill`. This module is the blocking
+database code, run on the database thread, and the Trio store around it.
 
 Theory of operation
 ===================
@@ -59,7 +64,8 @@ already begun) is stored once. The copy counts in ``duplicates``.
 
 The spill file belongs to one gateway process (one process per database).
 Appends are not fsynced: they survive a crash of the gateway, not of the
-machine.
+machine. The file's own rules (its names, the claim by renaming, what is
+rejected) are in :mod:`~trio_gateway._accounting.spill`.
 
 If the record cannot be spilled either (no spill file for ``:memory:``, or the
 file cannot be written), it is counted in ``dropped``, and its row is logged
@@ -84,101 +90,25 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import orjson
 import trio
 
-from trio_gateway._core.record import RequestRecord, Usage
+from trio_gateway._accounting import spill
+from trio_gateway._accounting.usage_rows import INSERT, SCHEMA, SCHEMA_VERSION, Row, record_to_row
+from trio_gateway._core.record import RequestRecord
 
-__all__ = [
-    "COLUMNS",
-    "SCHEMA_VERSION",
-    "SchemaError",
-    "UsageStore",
-    "connect",
-    "record_from_row",
-    "record_to_row",
-]
+__all__ = ["SchemaError", "UsageStore", "connect"]
 
 logger = logging.getLogger("trio_gateway.usage")
 
 T = TypeVar("T")
-SQLValue = str | int | float | None
-Row = tuple[SQLValue, ...]
 
-#: Bumped whenever the schema changes; a database with a higher version is refused.
-SCHEMA_VERSION = 1
-
-#: The ``requests`` columns in insert order, and the keys of a spill line.
-COLUMNS = (
-    "request_id",
-    "kind",
-    "key_name",
-    "public_model",
-    "upstream",
-    "upstream_model",
-    "streamed",
-    "started_wall",
-    "status",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost",
-    "upstream_id",
-    "finish_reason",
-    "time_to_headers",
-    "time_to_first_token",
-    "duration",
-    "bytes_to_client",
-    "cancelled",
-    "error_type",
-)
-
-_SCHEMA = """
-CREATE TABLE requests (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL,
-    key_name TEXT NOT NULL,
-    public_model TEXT NOT NULL,
-    upstream TEXT NOT NULL,
-    upstream_model TEXT NOT NULL,
-    streamed INTEGER NOT NULL,          -- 0 or 1
-    started_wall REAL NOT NULL,         -- unix time
-    status INTEGER,                     -- the HTTP status the client got
-    input_tokens INTEGER,               -- NULL: not reported
-    output_tokens INTEGER,
-    cached_tokens INTEGER,
-    cache_write_tokens INTEGER,
-    reasoning_tokens INTEGER,
-    cost REAL,                          -- the upstream's figure
-    upstream_id TEXT,
-    finish_reason TEXT,
-    time_to_headers REAL,               -- seconds from start
-    time_to_first_token REAL,
-    duration REAL,
-    bytes_to_client INTEGER NOT NULL,
-    cancelled INTEGER NOT NULL,         -- 0 or 1: the client left first
-    error_type TEXT                     -- NULL for a clean end
-);
-CREATE INDEX requests_started_wall ON requests (started_wall);
-CREATE INDEX requests_key_name ON requests (key_name);
-CREATE INDEX requests_public_model ON requests (public_model);
-"""
-
-_INSERT = (
-    f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-    " ON CONFLICT (request_id) DO NOTHING"
-)
 _BUSY_TIMEOUT_MS = 5000  # how long a write waits for another process's lock
 _CLOSE_GRACE = 2.0  # seconds given to closing the connection at the end of run()
 # A row that fails for one of these would fail again: it is rejected, not retried.
@@ -187,98 +117,6 @@ _BAD_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.Progr
 
 class SchemaError(Exception):
     """The database is not one this version of trio-gateway can use."""
-
-
-# --- rows (no I/O) ------------------------------------------------------------
-
-
-def _text(value: Any) -> Any:
-    """A str (a StrEnum too) as a plain str; anything else unchanged, for the database to judge."""
-    return str(value) if isinstance(value, str) else value
-
-
-def record_to_row(record: RequestRecord) -> Row:
-    """The ``requests`` row for ``record``, in :data:`COLUMNS` order.
-
-    Clock times become durations from the start (the Trio clock means nothing
-    outside this process); booleans become 0 or 1.
-    """
-    usage = record.usage
-    return (
-        _text(record.request_id),
-        _text(record.kind),
-        _text(record.key_name),
-        _text(record.public_model),
-        _text(record.upstream),
-        _text(record.upstream_model),
-        int(record.streamed),
-        record.started_wall,
-        record.status,
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cached_tokens,
-        usage.cache_write_tokens,
-        usage.reasoning_tokens,
-        usage.cost,
-        _text(record.upstream_id),
-        _text(record.finish_reason),
-        record.time_to_headers,
-        record.time_to_first_token,
-        record.duration,
-        record.bytes_to_client,
-        int(record.cancelled),
-        _text(record.error_type),
-    )
-
-
-def record_from_row(row: Sequence[Any] | Mapping[str, Any]) -> RequestRecord:
-    """The record a row stands for (a tuple in :data:`COLUMNS` order, or a mapping).
-
-    The database keeps durations, so the record read back has ``started_at``
-    0.0 and its other clock times relative to it: its ``duration``,
-    ``time_to_headers`` and ``time_to_first_token`` equal the original's.
-    """
-    values = dict(row) if isinstance(row, Mapping) else dict(zip(COLUMNS, row, strict=True))
-    return RequestRecord(
-        request_id=values["request_id"],
-        kind=values["kind"],
-        key_name=values["key_name"],
-        public_model=values["public_model"],
-        upstream=values["upstream"],
-        upstream_model=values["upstream_model"],
-        streamed=bool(values["streamed"]),
-        started_at=0.0,
-        started_wall=values["started_wall"],
-        status=values["status"],
-        usage=Usage(
-            input_tokens=values["input_tokens"],
-            output_tokens=values["output_tokens"],
-            cached_tokens=values["cached_tokens"],
-            cache_write_tokens=values["cache_write_tokens"],
-            reasoning_tokens=values["reasoning_tokens"],
-            cost=values["cost"],
-        ),
-        upstream_id=values["upstream_id"],
-        finish_reason=values["finish_reason"],
-        headers_at=values["time_to_headers"],
-        first_token_at=values["time_to_first_token"],
-        ended_at=values["duration"],
-        bytes_to_client=values["bytes_to_client"],
-        cancelled=bool(values["cancelled"]),
-        error_type=values["error_type"],
-    )
-
-
-def _spill_line(row: Row) -> bytes:
-    return orjson.dumps(dict(zip(COLUMNS, row, strict=True))) + b"\n"
-
-
-def _row_from_spill_line(line: bytes) -> Row:
-    """Parse one spill line; ValueError or KeyError if it is not one."""
-    values = orjson.loads(line)
-    if not isinstance(values, dict):
-        raise ValueError("not a JSON object")
-    return tuple(values[name] for name in COLUMNS)
 
 
 # --- the database (blocking: runs on the database thread) ----------------------
@@ -326,7 +164,7 @@ def _migrate(conn: sqlite3.Connection, path: str | Path) -> None:
             " not a trio-gateway usage database"
         )
     # One statement at a time: executescript() would commit the open transaction.
-    for statement in _SCHEMA.split(";"):
+    for statement in SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -336,79 +174,13 @@ def _insert(conn: sqlite3.Connection, rows: Sequence[Row]) -> int:
     """Insert ``rows`` in one transaction; return how many were new (not duplicates)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        inserted = conn.executemany(_INSERT, rows).rowcount
+        inserted = conn.executemany(INSERT, rows).rowcount
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
     return int(inserted)
-
-
-def _import_spill_file(
-    conn: sqlite3.Connection, path: Path, rejected_path: Path, chunk: int
-) -> tuple[int, int, int]:
-    """Insert every record in the spill file ``path``, then delete the file.
-
-    Returns (inserted, duplicates, rejected). A line that is not a record, or
-    a row the database refuses, is appended to ``rejected_path`` for a person
-    to look at. Any other error propagates and leaves the file for the next
-    start; the lines already imported will then count as duplicates.
-    """
-    counts = [0, 0]  # inserted, duplicates
-    rejected: list[bytes] = []
-    pending: list[tuple[Row, bytes]] = []
-
-    def insert_pending() -> None:
-        try:
-            new = _insert(conn, [row for row, _ in pending])
-            counts[0] += new
-            counts[1] += len(pending) - new
-        except _BAD_ROW_ERRORS:  # one bad row spoils its chunk: insert one by one
-            for row, line in pending:
-                try:
-                    new = _insert(conn, [row])
-                except _BAD_ROW_ERRORS:
-                    rejected.append(line)
-                    continue
-                counts[0] += new
-                counts[1] += 1 - new
-        pending.clear()
-
-    with path.open("rb") as file:
-        for raw in file:
-            line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            try:
-                pending.append((_row_from_spill_line(line), line))
-            except (ValueError, KeyError):
-                rejected.append(line)
-                continue
-            if len(pending) >= chunk:
-                insert_pending()
-    if pending:
-        insert_pending()
-    if rejected:
-        with rejected_path.open("ab") as out:
-            out.write(b"".join(line + b"\n" for line in rejected))
-    path.unlink()
-    return counts[0], counts[1], len(rejected)
-
-
-def _claim_spill_file(spill: Path, importing: Path) -> bool:
-    """Make ``importing`` the file to import; False if there is nothing to import.
-
-    Runs on the event loop, the only thread that appends to the spill file, so
-    no append can be half done when the file is renamed.
-    """
-    if importing.exists():  # left by a run that stopped before it finished importing
-        return True
-    try:
-        os.replace(spill, importing)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 class _Job(Generic[T]):
@@ -449,7 +221,7 @@ class _Job(Generic[T]):
 
 
 class UsageStore:
-    """The request log in SQLite. See the module docstring for how it works.
+    """The usage database, written from Trio. See the module docstring for how it works.
 
     ``path`` is a file, or ``":memory:"`` (then there is no spill file, and a
     record that would be spilled is counted in ``dropped`` and logged).
@@ -474,8 +246,7 @@ class UsageStore:
             if math.isnan(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         self.path = path
-        in_memory = str(path) in (":memory:", "")
-        self.spill_path: Path | None = None if in_memory else Path(f"{path}.spill.jsonl")
+        self.spill_path = spill.spill_path(path)
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.submit_timeout = submit_timeout
@@ -709,11 +480,10 @@ class UsageStore:
         """
         if self.spill_path is None:
             return
-        spill = self.spill_path
-        importing = spill.with_name(spill.name + ".importing")
-        rejected_path = spill.with_name(spill.name + ".rejected")
+        importing = spill.importing_path(self.spill_path)
+        rejected_path = spill.rejected_path(self.spill_path)
         for _ in range(2):
-            if not _claim_spill_file(spill, importing):
+            if not spill.claim(self.spill_path):
                 return
             try:
                 inserted, duplicates, rejected = await self._call(
@@ -760,11 +530,10 @@ class UsageStore:
         """
         if not rows:
             return
-        lines = b"".join(_spill_line_or_repr(row) for row in rows)
+        lines = spill.encode(rows)
         if self.spill_path is not None:
             try:
-                with self.spill_path.open("ab") as file:
-                    file.write(lines)
+                spill.append(self.spill_path, lines)
             except OSError as exc:
                 reason = f"{reason}, and writing {self.spill_path} failed: {exc}"
             else:
@@ -833,7 +602,10 @@ class UsageStore:
                 self._token.run_sync_soon(self._db_closed.set)
 
     def _import_file(self, path: Path, rejected_path: Path) -> tuple[int, int, int]:
-        return _import_spill_file(self._connection(), path, rejected_path, self.batch_size)
+        insert = functools.partial(_insert, self._connection())
+        return spill.import_file(
+            path, rejected_path, insert, chunk=self.batch_size, refused=_BAD_ROW_ERRORS
+        )
 
     def _open_database(self) -> None:
         self._conn = connect(self.path)
@@ -842,10 +614,3 @@ class UsageStore:
         if self._conn is None:
             raise RuntimeError("the usage database is not open")
         return self._conn
-
-
-def _spill_line_or_repr(row: Row) -> bytes:
-    try:
-        return _spill_line(row)
-    except TypeError:  # e.g. an int too large for JSON: keep it for a person
-        return repr(row).encode("utf-8", "replace") + b"\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from trio_gateway._core.kinds import Kind
 from trio_gateway._core.record import RequestRecord
 
 __all__ = [
@@ -75,7 +76,7 @@ def tokens_charged(record: RequestRecord) -> int:
     """
     usage = record.usage
     figures = [usage.input_tokens, usage.output_tokens]
-    if record.kind == "messages":
+    if record.kind is Kind.MESSAGES:
         figures += [usage.cached_tokens, usage.cache_write_tokens]
     return sum(figure for figure in figures if figure is not None)
 

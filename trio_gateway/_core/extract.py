@@ -1,8 +1,9 @@
 """Usage extraction: what each kind's answers report, read from objects already parsed.
 
-No I/O, and no second read of the body: the policies call these on the
-events they parse anyway (before any cost is stripped), and the JSON path
-on the body it rewrites. Each function fills an :class:`Extracted`.
+No I/O, and no second read of the body: each kind's policy calls its
+function on the events it parses anyway and on the whole JSON body it
+rewrites, before any cost is stripped. Each function fills an
+:class:`Extracted`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from trio_gateway._core.record import Usage
 
-__all__ = ["Extracted", "from_chat", "from_json_body", "from_messages", "from_responses"]
+__all__ = ["Extracted", "from_chat", "from_embeddings", "from_messages", "from_responses"]
 
 
 @dataclass(slots=True)
@@ -97,15 +98,3 @@ def from_embeddings(obj: dict[str, Any], into: Extracted) -> None:
             output_tokens=usage.get("output_tokens"),
             cost=usage.get("cost"),
         )
-
-
-def from_json_body(kind: str, obj: dict[str, Any], into: Extracted) -> None:
-    """Whatever a non-streamed answer of ``kind`` reports."""
-    if kind == "chat":
-        from_chat(obj, into)
-    elif kind == "messages":
-        from_messages(obj, into)
-    elif kind == "responses":
-        from_responses(obj, into)
-    else:
-        from_embeddings(obj, into)
