@@ -158,7 +158,8 @@ async def test_crlf_split_utf8_split_bom_and_missing_final_blank_line(
 ):
     chunk = {"id": "g", "model": UPSTREAM_MODEL, "choices": [{"delta": {"content": "naïve 🙂"}}]}
     body = b"\xef\xbb\xbf" + b"data: " + orjson.dumps(chunk) + b"\r\n\r\n"
-    body += b"data: " + orjson.dumps({**chunk, "id": "last"})  # no blank line, no line end
+    last = {**chunk, "id": "last", "choices": [{"delta": {"content": "naïve 🙂"}, "finish_reason": "stop"}]}
+    body += b"data: " + orjson.dumps(last)  # no blank line, no line end
     # Split inside the BOM, inside the emoji, and between CR and LF.
     emoji_at = body.index("🙂".encode()) + 2
     crlf_at = body.index(b"\r\n") + 1
@@ -644,7 +645,8 @@ async def test_upstream_key_echoed_in_a_stream_is_redacted(
     body = b"".join(
         sse(
             {"id": "1", "model": UPSTREAM_MODEL, "choices": [{"delta": {"content": echo}}]},
-            f"not json, but it quotes Bearer {echo}",  # passes through unchanged, byte for byte
+            # Needs no change, so it passes through byte for byte, but for the key.
+            f'{{"id":"1","choices":[],"note":"it quotes Bearer {echo}"}}',
             {"id": "1", "choices": [], "usage": {"prompt_tokens": 1, "note": echo}},
             "[DONE]",
         )
@@ -655,7 +657,7 @@ async def test_upstream_key_echoed_in_a_stream_is_redacted(
     assert call.status == 200
     assert UPSTREAM_KEY.encode() not in call.text
     assert call.text.count(b"[redacted]") == 3
-    assert b"data: not json, but it quotes Bearer [redacted]\n\n" in call.text
+    assert b'data: {"id":"1","choices":[],"note":"it quotes Bearer [redacted]"}\n\n' in call.text
     assert call.events[-1].data == "[DONE]"
 
 

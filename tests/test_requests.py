@@ -878,7 +878,7 @@ async def test_json_answer_free_model_is_public_and_costless(
     assert_json_answer(call)
     body = call.json_body()
     assert body["model"] == PUBLIC_MODEL
-    usage = dict(answer["usage"])
+    usage = with_strict_usage(kind, answer["usage"])
     for name in ("cost", "cost_details", "is_byok"):
         usage.pop(name, None)
     assert body["usage"] == usage
@@ -896,13 +896,28 @@ async def test_json_answer_paid_model_keeps_cost(kind: str, autojump_clock: trio
     call = await AsgiCall.json(JSON_KINDS[kind][1], path=path).run(gateway)
     assert call.status == 200
     assert_json_answer(call)
-    assert call.json_body() == {**answer, "model": PUBLIC_MODEL}
+    usage = with_strict_usage(kind, answer["usage"])
+    assert call.json_body() == {**answer, "model": PUBLIC_MODEL, "usage": usage}
+
+
+def with_strict_usage(kind: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """``usage`` as a chat answer gets it, stream or JSON: ``cached_tokens`` defaults to 0."""
+    usage = dict(usage)
+    if kind == "chat":
+        details = dict(usage.get("prompt_tokens_details") or {})
+        if details.get("cached_tokens") is None:
+            details["cached_tokens"] = 0
+        usage["prompt_tokens_details"] = details
+    return usage
 
 
 async def test_json_answer_with_public_model_and_no_cost_is_byte_for_byte(
     autojump_clock: trio.testing.MockClock,
 ):
-    raw = b'{ "model" : "kilo/free-model", "usage": {"total_tokens": 4}, "x": 1.50 }'
+    raw = (
+        b'{ "model" : "kilo/free-model", "x": 1.50,'
+        b' "usage": {"total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}} }'
+    )
     gateway, _ = make_gateway(FakeResponse(body=[raw], content_type="application/json"))
     call = await AsgiCall.json(JSON_KINDS["chat"][1]).run(gateway)
     assert call.text == raw

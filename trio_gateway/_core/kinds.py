@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["Failure", "FailureType", "Kind", "error_body"]
+__all__ = ["Failure", "FailureType", "Kind", "error_body", "error_types"]
 
 
 class Kind(enum.Enum):
@@ -54,6 +54,7 @@ class FailureType(enum.StrEnum):
     UPSTREAM_STATUS = "upstream_status"
     UPSTREAM_TOO_LARGE = "upstream_too_large"
     UPSTREAM_INVALID = "upstream_invalid"  # a success answer that is not what was asked for
+    UPSTREAM_TRUNCATED = "upstream_truncated"  # the body ended before the kind's end event
     REWRITE_ERROR = "rewrite_error"
     SHUTDOWN = "shutdown"
 
@@ -95,6 +96,13 @@ _ERROR_TYPES: dict[int, tuple[str, str]] = {
 }
 
 
+def error_types(status: int) -> tuple[str, str]:
+    """The error ``type`` a client of each family expects for ``status``: (OpenAI, Anthropic)."""
+    return _ERROR_TYPES.get(
+        status, ("api_error", "api_error") if status >= 500 else ("invalid_request_error",) * 2
+    )
+
+
 def error_body(kind: Kind | None, status: int, message: str, code: str | None = None) -> bytes:
     """A JSON error body in the shape clients of ``kind`` parse.
 
@@ -102,9 +110,7 @@ def error_body(kind: Kind | None, status: int, message: str, code: str | None = 
     "param"}}``; Anthropic Messages: ``{"type": "error", "error": {"type",
     "message"}}``.
     """
-    openai_type, anthropic_type = _ERROR_TYPES.get(
-        status, ("api_error", "api_error") if status >= 500 else ("invalid_request_error",) * 2
-    )
+    openai_type, anthropic_type = error_types(status)
     if kind is not None and kind.anthropic_errors:
         return orjson.dumps(
             {"type": "error", "error": {"type": anthropic_type, "message": message}}

@@ -174,7 +174,7 @@ class Gateway:
             else:
                 raise RequestError(404, f"no such endpoint: {path}", "not_found")
         except RequestError as exc:
-            self.metrics.refused(None if kind is None else kind.label, exc.status)
+            self.metrics.refused(kind, exc.status)
             body = error_body(kind, exc.status, exc.message, exc.code)
             await send_json(send, exc.status, body, request_id, exc.headers)
 
@@ -207,7 +207,7 @@ class Gateway:
         )
         record = RequestRecord(
             request_id=request_id,
-            kind=kind.label,
+            kind=kind,
             key_name=key.name,
             public_model=route.public_name,
             upstream=route.upstream,

@@ -43,7 +43,7 @@ from trio_gateway._proxy.upstream import (
     read_whole_body,
 )
 from trio_gateway._rewrite import policy_for
-from trio_gateway._rewrite.base import REDACTED, StreamRewriter, rewrite_json_body
+from trio_gateway._rewrite.base import REDACTED, InvalidBody, StreamRewriter, rewrite_json_body
 
 __all__ = ["Exchanger"]
 
@@ -164,26 +164,32 @@ class Exchanger:
             record.error_type = FailureType.UPSTREAM_STATUS
             await _send_answer(send, record, 502, body)
             return
-        extracted = Extracted()
-        rewritten = rewrite_json_body(
-            body, route.public_name, free=route.free, kind=kind.label, extracted=extracted
-        )
-        _note_extracted(record, extracted)
+        policy = policy_for(kind, route.public_name, free=route.free)
         content_type = response.headers.get("content-type", "application/json")
         if status >= 400:
             record.error_type = FailureType.UPSTREAM_STATUS
-        if rewritten is not None:
-            body = rewritten
-        elif status >= 400 or kind is not Kind.TRANSCRIPTIONS:
-            # The client's SDK parses JSON here (a transcription may be plain
-            # text). An HTML page from a proxy in front of the provider, or a
-            # 200 that is not the answer, becomes an error in the kind's shape.
-            message = f"the upstream answered {status} with a body that is not a JSON object"
-            if status < 400:
-                status = 502
-                record.error_type = FailureType.UPSTREAM_INVALID
-            body = error_body(kind, status, message, FailureType.UPSTREAM_INVALID.value)
-            content_type = "application/json"
+        try:
+            body = rewrite_json_body(body, policy)
+        except InvalidBody as exc:
+            if status < 400 and kind is Kind.TRANSCRIPTIONS:
+                pass  # a transcription may be plain text or subtitles
+            else:
+                # The client's SDK parses JSON here. An HTML page from a proxy in
+                # front of the provider, a 200 that is not the answer, or JSON cut
+                # short becomes an error in the kind's shape.
+                failure = (
+                    FailureType.UPSTREAM_TRUNCATED
+                    if exc.truncated
+                    else FailureType.UPSTREAM_INVALID
+                )
+                what = "JSON cut short" if exc.truncated else "a body that is not a JSON object"
+                message = f"the upstream answered {status} with {what}"
+                if status < 400:
+                    status = 502
+                    record.error_type = failure
+                body = error_body(kind, status, message, failure.value)
+                content_type = "application/json"
+        _note_extracted(record, policy.extracted)
         upstream_key = config.upstreams[route.upstream].api_key.encode()
         body = body.replace(upstream_key, REDACTED)
         headers = [(b"content-type", content_type.encode())]

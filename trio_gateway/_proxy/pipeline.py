@@ -75,7 +75,6 @@ from trio_gateway._proxy.upstream import (
     raw_chunks,
 )
 from trio_gateway._rewrite.base import StreamRewriter
-from trio_gateway.sse import SSEError
 
 __all__ = ["KEEPALIVE_COMMENT", "ClientBody", "StreamObserver", "StreamResult", "stream_events"]
 
@@ -301,27 +300,30 @@ async def _write_client(
                             return _clean_ending(rewriter, result)
                         result.failure = item
                         return rewriter.fail(item)
-                    try:
-                        batch.add(rewriter.feed(item), result.arrived_at)
-                    except SSEError as exc:
-                        if batch.size:
+                    batch.add(rewriter.feed(item), result.arrived_at)
+                    if rewriter.failure is not None:  # invalid or runaway upstream bytes
+                        if batch.size:  # the events before it go out as they would have
                             await flush()
-                        result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
-                        return rewriter.fail(result.failure)
+                        result.failure = rewriter.failure
+                        return rewriter.fail(rewriter.failure)
             await body.send(KEEPALIVE_COMMENT)
             if observer is not None:
                 observer.keepalive_sent()
 
 
 def _clean_ending(rewriter: StreamRewriter, result: StreamResult) -> bytes:
-    """The ending once the reader closed the channel without handing a failure over."""
+    """The ending once the reader closed the channel without handing a failure over.
+
+    Complete only if the kind's end arrived: a body that ended before it is
+    a truncation, and ends with the kind's error event like any failure.
+    """
     if result.failure is not None:  # the reader gave up on a stalled client
         return rewriter.fail(result.failure)
-    try:
-        return rewriter.finish()
-    except SSEError as exc:
-        result.failure = Failure(FailureType.REWRITE_ERROR, str(exc))
-        return rewriter.fail(result.failure)
+    tail = rewriter.finish()
+    if rewriter.failure is not None:
+        result.failure = rewriter.failure
+        return tail + rewriter.fail(rewriter.failure)
+    return tail
 
 
 async def stream_events(

@@ -1,4 +1,8 @@
-"""OpenAI Chat Completions: every chunk is ``data: <chat.completion.chunk>``."""
+"""OpenAI Chat Completions: every chunk is ``data: <chat.completion.chunk>``.
+
+The answer is complete at ``data: [DONE]``, or once a chunk finished a
+choice (a non-null ``finish_reason``) and only usage chunks followed.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +12,46 @@ import orjson
 
 from trio_gateway._core.extract import from_chat
 from trio_gateway._core.kinds import Failure
-from trio_gateway._rewrite.base import Policy, parse_object, reencode, set_model, strip_cost
+from trio_gateway._rewrite.base import Policy, reencode, require_object, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
+
+_CONTENT_FIELDS = ("content", "refusal", "reasoning", "tool_calls")
 
 
 class ChatPolicy(Policy):
-    """Model alias, free-model cost stripping and strict-client fixes on every chunk.
+    """Model alias, free-model cost stripping and strict-client fixes, chunks and bodies alike.
 
-    Every chunk carries ``model``, so every chunk is parsed.
+    Every chunk carries ``model``, so every chunk is parsed; one that is not
+    a JSON object is an :class:`~trio_gateway._rewrite.base.InvalidEvent`.
     """
+
+    done_completes = True
 
     def __init__(self, public_model: str, *, free: bool) -> None:
         super().__init__(public_model, free=free)
         self.last_id: str | None = None
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
-        chunk = parse_object(event.data)
+        chunk = require_object(event)
         if chunk is None:
             return None
         if isinstance(chunk.get("id"), str):
             self.last_id = chunk["id"]
-        from_chat(chunk, self.extracted)
-        if not self.content_started:
-            self.content_started = _has_content(chunk)
-        changed = set_model(chunk, "model", self.public_model)
+        self._note_progress(chunk)
+        changed = self.rewrite_body(chunk)
         if "error" not in chunk:
             changed |= _fix_for_strict_clients(chunk)
-        usage = chunk.get("usage")
+        return reencode(event, chunk) if changed else None
+
+    def rewrite_body(self, body: dict[str, Any]) -> bool:
+        """The rules a chunk and a whole ``chat.completion`` share; whether ``body`` changed.
+
+        Model, cost and ``cached_tokens``. The strict-client fixes of
+        ``choices`` and ``delta.role`` are for chunks only, the shape they fix.
+        """
+        from_chat(body, self.extracted)
+        changed = set_model(body, "model", self.public_model)
+        usage = body.get("usage")
         if isinstance(usage, dict):
             if self.free:
                 changed |= strip_cost(usage)
@@ -45,7 +62,32 @@ class ChatPolicy(Policy):
             elif details.get("cached_tokens") is None:
                 details["cached_tokens"] = 0
                 changed = True
-        return reencode(event, chunk) if changed else None
+        return changed
+
+    def _note_progress(self, chunk: dict[str, Any]) -> None:
+        """Track content and completion: a finished choice completes the answer.
+
+        A later chunk with choices but no finish (more content, another
+        choice still running) makes it incomplete again. A usage chunk (one
+        that carries ``usage``; OpenRouter's also has an empty choice) leaves
+        it as it is.
+        """
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return
+        usage_chunk = isinstance(chunk.get("usage"), dict)
+        finished = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason") is not None:
+                finished = True
+            if not self.content_started:
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and any(delta.get(n) for n in _CONTENT_FIELDS):
+                    self.content_started = True
+        if finished or not usage_chunk:
+            self.complete = finished
 
     def error_event(self, failure: Failure) -> bytes:
         error: dict[str, Any] = {
@@ -57,20 +99,6 @@ class ChatPolicy(Policy):
         if self.last_id is not None:
             payload = {"id": self.last_id, **payload}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def _has_content(chunk: dict[str, Any]) -> bool:
-    """Whether a chunk carries generated content (text, refusal, reasoning or a tool call)."""
-    choices = chunk.get("choices")
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and any(
-            delta.get(name) for name in ("content", "refusal", "reasoning", "tool_calls")
-        ):
-            return True
-    return False
 
 
 def _fix_for_strict_clients(chunk: dict[str, Any]) -> bool:

@@ -1,44 +1,50 @@
-"""Anthropic Messages: named events; only ``message_start`` and ``message_delta`` change."""
+"""Anthropic Messages: named events; ``message_start`` and ``message_delta`` change.
+
+The answer is complete at ``message_stop``. Every event's data must be a
+JSON object; only the two that can change are rewritten.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 
 from trio_gateway._core.extract import from_messages
 from trio_gateway._core.kinds import Failure
-from trio_gateway._rewrite.base import Policy, parse_object, reencode, set_model, strip_cost
+from trio_gateway._rewrite.base import Policy, reencode, require_object, set_model, strip_cost
 from trio_gateway.sse import SSEEvent
 
 
 class MessagesPolicy(Policy):
-    """Model alias in ``message_start``; cost stripping in both usage objects.
-
-    Decided from the event name, so content deltas pass without a JSON parse.
-    """
+    """Model alias in the ``message``; cost stripping in both usage objects."""
 
     terminal_events = frozenset({"message_stop"})
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
+        payload = require_object(event)
         name = event.event
-        if name != "message_start" and name != "message_delta":
-            if name == "content_block_delta":
-                self.content_started = True
-            return None
-        payload = parse_object(event.data)
-        if payload is None:
-            return None
-        changed = False
         if name == "message_start":
-            message = payload.get("message")
-            if isinstance(message, dict):
-                from_messages(message, self.extracted)
-                changed = set_model(message, "model", self.public_model)
-                if self.free:
-                    changed |= strip_cost(message.get("usage"))
-        else:
+            message = payload.get("message") if payload is not None else None
+            changed = isinstance(message, dict) and self.rewrite_body(message)
+        elif name == "message_delta" and payload is not None:
             from_messages(payload, self.extracted)
             changed = self.free and strip_cost(payload.get("usage"))
-        return reencode(event, payload) if changed else None
+        else:
+            if name == "content_block_delta":
+                self.content_started = True
+            elif name == "message_stop" and payload is not None:
+                self.complete = True
+            return None
+        return reencode(event, payload) if changed and payload is not None else None
+
+    def rewrite_body(self, body: dict[str, Any]) -> bool:
+        """The rules for a ``message`` (message_start's, or a whole answer); whether it changed."""
+        from_messages(body, self.extracted)
+        changed = set_model(body, "model", self.public_model)
+        if self.free:
+            changed |= strip_cost(body.get("usage"))
+        return changed
 
     def error_event(self, failure: Failure) -> bytes:
         payload = {"type": "error", "error": {"type": "api_error", "message": failure.message}}
