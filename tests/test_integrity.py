@@ -100,10 +100,10 @@ def is_complete(kind: StreamKind, body: bytes) -> bool | None:
         if event.data == "[DONE]":
             done = True
             continue
-        if not event.data:
-            continue
+        if event.comment is not None or (event.data, event.event, event.id) == (None, None, None):
+            continue  # SSE clients dispatch neither comments nor blocks of unknown fields
         try:
-            payload = orjson.loads(event.data)
+            payload = orjson.loads(event.data or "")
         except orjson.JSONDecodeError:
             return None
         if not isinstance(payload, dict):

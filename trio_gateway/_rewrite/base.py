@@ -132,13 +132,17 @@ def parse_object(data: str | None) -> dict[str, Any] | None:
 
 
 def require_object(event: SSEEvent) -> dict[str, Any] | None:
-    """The JSON object in ``event``'s data; None if it has no data; else InvalidEvent.
+    """The JSON object in ``event``'s data; None for a block no client dispatches.
 
-    An empty ``data:`` counts as no data: there is nothing in it to parse or leak.
+    A block of only unknown fields is not dispatched by SSE clients, so it
+    passes. Any other block (a name, an id, a retry, or data, even empty)
+    is handed to the SDK's JSON parser, so its data must be a JSON object:
+    otherwise :class:`InvalidEvent`.
     """
-    if not event.data:
+    data = event.data
+    if data is None and event.event is None and event.id is None and event.retry is None:
         return None
-    payload = parse_object(event.data)
+    payload = parse_object(data)
     if payload is None:
         name = "an event" if event.event is None else f"a {event.event!r} event"
         raise InvalidEvent(f"the upstream sent {name} whose data is not a JSON object")
