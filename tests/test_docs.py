@@ -40,3 +40,41 @@ def test_every_test_the_docs_cite_exists():
                 missing.append(f"{document.name}: {module}.py::{name}")
     assert count > 100, "the citation pattern stopped matching"
     assert missing == []
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table after ``heading``, as stripped cells."""
+    after = text.split(heading, 1)[1]
+    rows = []
+    for line in after.splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[1:]  # without the header row
+
+
+def test_the_documented_error_types_are_exactly_the_codes():
+    from trio_gateway._core.kinds import FailureType
+
+    rows = table_rows((ROOT / "docs" / "operations.md").read_text(), "### Error types")
+    documented = [row[0].strip("`") for row in rows]
+    assert sorted(documented) == sorted(failure.value for failure in FailureType)
+
+
+def test_the_module_map_matches_the_tree():
+    package = ROOT / "trio_gateway"
+    modules = {
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    rows = table_rows((ROOT / "docs" / "architecture.md").read_text(), "## Module map")
+    mapped = {
+        name.strip("`")
+        for row in rows
+        for name in re.findall(r"`([\w/]+\.py)`", row[0])
+    }
+    assert len(modules) > 30, "the walk found the package"
+    assert sorted(modules - mapped) == [], "modules the map does not show"
+    assert sorted(mapped - modules) == [], "the map shows modules that do not exist"
