@@ -429,3 +429,70 @@ def test_stream_and_json_paths_apply_the_same_rules(
     cost = {name: usage[name] for name in ("cost", "is_byok", "cost_details") if name in usage}
     kept = {name: from_json["usage"][name] for name in cost if name in from_json["usage"]}
     assert kept == ({} if free else cost)
+
+
+# --- The upstream model's name ----------------------------------------------------------------
+
+SAYS_MODEL = f"{UPSTREAM_MODEL} is temporarily rate-limited upstream"
+UPSTREAM_ERRORS: dict[StreamKind, list[bytes]] = {
+    "chat": sse(
+        {"id": "c", "model": UPSTREAM_MODEL, "error": {"code": 429, "message": SAYS_MODEL}}
+    ),
+    "messages": sse(
+        {"type": "error", "error": {"type": "overloaded_error", "message": SAYS_MODEL}},
+        event_names=True,
+    ),
+    "responses": sse(
+        {
+            "type": "error",
+            "sequence_number": 0,
+            "code": "rate_limited",
+            "message": SAYS_MODEL,
+            "param": None,
+        },
+        event_names=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_upstream_error_messages_never_name_the_upstream_model(
+    kind: StreamKind, autojump_clock: trio.testing.MockClock
+) -> None:
+    gateway, replay, _ = gateway_with_records()
+    # Streamed: the upstream's own error event.
+    replay.answer = FakeResponse(body=UPSTREAM_ERRORS[kind])
+    call = await request_for(kind).run(gateway)
+    assert UPSTREAM_MODEL.encode() not in call.text
+    assert f"{PUBLIC_MODEL} is temporarily rate-limited upstream".encode() in call.text
+    # Whole: an error answer.
+    error = {"error": {"message": SAYS_MODEL, "type": "rate_limit_error"}}
+    if kind == "messages":
+        error = {"type": "error", **error}
+    replay.answer = FakeResponse(
+        body=[orjson.dumps(error)], status=429, content_type="application/json"
+    )
+    payload: dict[str, Any] = {"model": PUBLIC_MODEL, "messages": [], "input": "hi"}
+    call = await AsgiCall.json(payload, path=JSON_PATHS[kind]).run(gateway)
+    assert call.status == 429
+    assert UPSTREAM_MODEL.encode() not in call.text
+    assert PUBLIC_MODEL in call.json_body()["error"]["message"]
+
+
+async def test_generated_text_that_names_the_model_is_left_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Only the upstream's error objects are scrubbed: an answer is the model's words.
+    chunk = {
+        "id": "c",
+        "model": UPSTREAM_MODEL,
+        "choices": [{"delta": {"content": UPSTREAM_MODEL}}],
+    }
+    done = {"id": "c", "model": UPSTREAM_MODEL, "choices": [{"delta": {}, "finish_reason": "stop"}]}
+    gateway, replay, _ = gateway_with_records()
+    replay.answer = FakeResponse(body=sse(chunk, done, "[DONE]"))
+    call = await request_for("chat").run(gateway)
+    contents = [
+        orjson.loads(e.data or "")["choices"][0]["delta"].get("content") for e in call.events[:2]
+    ]
+    assert contents == [UPSTREAM_MODEL, None]

@@ -106,7 +106,9 @@ class Exchanger:
         control: ExchangeControl,
     ) -> None:
         """Answer from an event stream. A checkpoint; owns and closes ``response``."""
-        policy = policy_for(kind, route.public_name, free=route.free)
+        policy = policy_for(
+            kind, route.public_name, free=route.free, upstream_model=route.upstream_model
+        )
         rewriter = StreamRewriter(
             policy,
             max_event_bytes=self._config.max_event_bytes,
@@ -164,7 +166,9 @@ class Exchanger:
             record.error_type = FailureType.UPSTREAM_STATUS
             await _send_answer(send, record, 502, body)
             return
-        policy = policy_for(kind, route.public_name, free=route.free)
+        policy = policy_for(
+            kind, route.public_name, free=route.free, upstream_model=route.upstream_model
+        )
         content_type = response.headers.get("content-type", "application/json")
         if status >= 400:
             record.error_type = FailureType.UPSTREAM_STATUS

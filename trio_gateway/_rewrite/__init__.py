@@ -22,6 +22,11 @@ _POLICIES: dict[Kind, type[Policy]] = {
 }
 
 
-def policy_for(kind: Kind, public_model: str, *, free: bool) -> Policy:
-    """A fresh policy with ``kind``'s rules (pass-through for kinds with none of their own)."""
-    return _POLICIES.get(kind, PassThroughPolicy)(public_model, free=free)
+def policy_for(kind: Kind, public_model: str, *, free: bool, upstream_model: str = "") -> Policy:
+    """A fresh policy with ``kind``'s rules (pass-through for kinds with none of their own).
+
+    ``upstream_model`` is the name the policy hides in the upstream's error messages.
+    """
+    return _POLICIES.get(kind, PassThroughPolicy)(
+        public_model, free=free, upstream_model=upstream_model
+    )

@@ -163,8 +163,9 @@ class Policy:
     terminal_events: frozenset[str] = frozenset()
     done_completes = False  # whether ``data: [DONE]`` ends this kind's answer
 
-    def __init__(self, public_model: str, *, free: bool) -> None:
+    def __init__(self, public_model: str, *, free: bool, upstream_model: str = "") -> None:
         self.public_model = public_model
+        self.upstream_model = upstream_model  # hidden in the upstream's error messages
         self.free = free
         self.extracted = Extracted()  # usage and ids, read before any stripping
         self.content_started = False  # a content token has passed
@@ -172,6 +173,35 @@ class Policy:
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         raise NotImplementedError
+
+    def hide_upstream_model(self, value: object) -> bool:
+        """Put the public name for the upstream model's in every string of an error object.
+
+        Error messages often name the model ("vendor/model is rate-limited").
+        Generated content is never touched: only the objects a policy knows
+        to be the upstream's errors come here. Returns whether any changed.
+        """
+        hidden = self.upstream_model
+        if not hidden:
+            return False
+        changed = False
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, str):
+                    if hidden in item:
+                        value[key] = item.replace(hidden, self.public_model)
+                        changed = True
+                else:
+                    changed |= self.hide_upstream_model(item)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    if hidden in item:
+                        value[index] = item.replace(hidden, self.public_model)
+                        changed = True
+                else:
+                    changed |= self.hide_upstream_model(item)
+        return changed
 
     def rewrite_body(self, body: dict[str, Any]) -> bool:
         """Read usage from a whole JSON answer and rewrite it in place; whether it changed."""
@@ -214,6 +244,7 @@ class PassThroughPolicy(Policy):
     def rewrite_body(self, body: dict[str, Any]) -> bool:
         from_embeddings(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
+        changed |= self.hide_upstream_model(body.get("error"))
         if self.free:
             changed |= strip_cost(body.get("usage"))
         return changed

@@ -27,8 +27,8 @@ class ChatPolicy(Policy):
 
     done_completes = True
 
-    def __init__(self, public_model: str, *, free: bool) -> None:
-        super().__init__(public_model, free=free)
+    def __init__(self, public_model: str, *, free: bool, upstream_model: str = "") -> None:
+        super().__init__(public_model, free=free, upstream_model=upstream_model)
         self.last_id: str | None = None
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
@@ -51,6 +51,7 @@ class ChatPolicy(Policy):
         """
         from_chat(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
+        changed |= self.hide_upstream_model(body.get("error"))
         usage = body.get("usage")
         if isinstance(usage, dict):
             if self.free:

@@ -30,6 +30,8 @@ class MessagesPolicy(Policy):
         elif name == "message_delta" and payload is not None:
             from_messages(payload, self.extracted)
             changed = self.free and strip_cost(payload.get("usage"))
+        elif name == "error" and payload is not None:
+            changed = self.hide_upstream_model(payload.get("error"))
         else:
             if name == "content_block_delta":
                 self.content_started = True
@@ -42,6 +44,7 @@ class MessagesPolicy(Policy):
         """The rules for a ``message`` (message_start's, or a whole answer); whether it changed."""
         from_messages(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
+        changed |= self.hide_upstream_model(body.get("error"))  # a whole error answer
         if self.free:
             changed |= strip_cost(body.get("usage"))
         return changed

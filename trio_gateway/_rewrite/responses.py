@@ -33,8 +33,8 @@ class ResponsesPolicy(Policy):
 
     terminal_events = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
-    def __init__(self, public_model: str, *, free: bool) -> None:
-        super().__init__(public_model, free=free)
+    def __init__(self, public_model: str, *, free: bool, upstream_model: str = "") -> None:
+        super().__init__(public_model, free=free, upstream_model=upstream_model)
         self.last_sequence = -1
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
@@ -50,6 +50,8 @@ class ResponsesPolicy(Policy):
         if isinstance(sequence, int) and not self.complete:
             self.last_sequence = sequence
         if name not in _RESPONSE_EVENTS:
+            if name == "error":  # the upstream's own: top-level fields, or nested
+                return reencode(event, payload) if self.hide_upstream_model(payload) else None
             if not self.content_started and name is not None and name.endswith(".delta"):
                 self.content_started = True
             return None
@@ -62,6 +64,9 @@ class ResponsesPolicy(Policy):
         """The rules for a ``response`` object (an event's, or a whole answer)."""
         from_responses(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
+        changed |= self.hide_upstream_model(
+            body.get("error")
+        )  # response.failed's, or a whole error
         if self.free:
             changed |= strip_cost(body.get("usage"))
         return changed
