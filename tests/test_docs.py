@@ -45,7 +45,7 @@ def test_every_test_the_docs_cite_exists():
 def table_rows(text: str, heading: str) -> list[list[str]]:
     """The body rows of the first Markdown table after ``heading``, as stripped cells."""
     after = text.split(heading, 1)[1]
-    rows = []
+    rows: list[list[str]] = []
     for line in after.splitlines()[1:]:
         if rows and not line.startswith("|"):
             break
@@ -70,11 +70,7 @@ def test_the_module_map_matches_the_tree():
         if "__pycache__" not in path.parts
     }
     rows = table_rows((ROOT / "docs" / "architecture.md").read_text(), "## Module map")
-    mapped = {
-        name.strip("`")
-        for row in rows
-        for name in re.findall(r"`([\w/]+\.py)`", row[0])
-    }
+    mapped = {name.strip("`") for row in rows for name in re.findall(r"`([\w/]+\.py)`", row[0])}
     assert len(modules) > 30, "the walk found the package"
     assert sorted(modules - mapped) == [], "modules the map does not show"
     assert sorted(mapped - modules) == [], "the map shows modules that do not exist"

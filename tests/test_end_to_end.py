@@ -32,7 +32,7 @@ from trio_gateway._core.config import (
 )
 from trio_gateway._proxy.app import Gateway
 from trio_gateway._server.serve import serve
-from trio_gateway.testing.mock_upstream import MockUpstream, Script, expected_text
+from trio_gateway.testing.mock_upstream import MockRequest, MockUpstream, Script, expected_text
 
 CLIENT_KEY = "e2e-client-key"
 UPSTREAM_KEY = "e2e-upstream-secret"
@@ -74,20 +74,21 @@ async def in_thread(fn: Callable[[], T]) -> T:
 @pytest.fixture
 async def stack(nursery: trio.Nursery) -> AsyncIterator[Stack]:
     mock = MockUpstream(Script(tokens=8), api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
-    config = GatewayConfig(
-        upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
-        models={
-            FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True),
-            PAID: ModelRoute(PAID, "mock", "vendor/model"),
-        },
-        keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
-    )
-    gateway = Gateway(config)
     stopped = trio.Event()
-    urls = await nursery.start(
-        partial(serve, gateway, "127.0.0.1:0", shutdown_trigger=stopped.wait)
-    )
+    with trio.fail_after(TIME_LIMIT):
+        await nursery.start(mock.serve)
+        config = GatewayConfig(
+            upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
+            models={
+                FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True),
+                PAID: ModelRoute(PAID, "mock", "vendor/model"),
+            },
+            keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
+        )
+        gateway = Gateway(config)
+        urls = await nursery.start(
+            partial(serve, gateway, "127.0.0.1:0", shutdown_trigger=stopped.wait)
+        )
     stack = Stack(urls[0], mock, gateway)
     yield stack
     stack.close()
@@ -296,22 +297,23 @@ async def test_client_disconnect_closes_upstream_connection(
 
 async def test_shutdown_ends_open_stream_with_error_event(nursery: trio.Nursery):
     mock = MockUpstream(Script(tokens=10_000, pace=0.05), api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
-    config = GatewayConfig(
-        upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
-        models={FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True)},
-        keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
-        timeouts=Timeouts(shutdown=0.5),
-    )
-    gateway = Gateway(config)
     stop = trio.Event()
     served = trio.Event()
 
     async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(gateway, "127.0.0.1:0", shutdown_trigger=stop.wait, task_status=task_status)
+        config = GatewayConfig(
+            upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
+            models={FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True)},
+            keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
+            timeouts=Timeouts(shutdown=0.5),
+        )
+        await serve(
+            Gateway(config), "127.0.0.1:0", shutdown_trigger=stop.wait, task_status=task_status
+        )
         served.set()
 
     with trio.fail_after(TIME_LIMIT):
+        await nursery.start(mock.serve)
         urls = await nursery.start(run_server)
         body = {"model": FREE, "stream": True, "messages": []}
         headers = {"authorization": f"Bearer {CLIENT_KEY}"}
@@ -339,24 +341,30 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
     ``send``; the reader gives up after ``client_stall`` and closes upstream,
     and the kernel aborts the client connection so the server can still stop.
     """
-    mock = MockUpstream(Script(total_bytes=1 << 30), api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
-    config = GatewayConfig(
-        upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
-        models={FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True)},
-        keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
-        timeouts=Timeouts(client_stall=0.5, keepalive=0),
-    )
+    arrived: list[MockRequest] = []
+    reached = trio.Event()
+
+    def endless(request: MockRequest) -> Script:
+        arrived.append(request)
+        reached.set()
+        return Script(total_bytes=1 << 30)
+
+    mock = MockUpstream(endless, api_key=UPSTREAM_KEY)
     stop = trio.Event()
     served = trio.Event()
 
     async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-        gateway = Gateway(config)
-        await serve(gateway, "127.0.0.1:0", shutdown_trigger=stop.wait, task_status=task_status)
+        config = GatewayConfig(
+            upstreams={"mock": Upstream("mock", mock.base_url, UPSTREAM_KEY)},
+            models={FREE: ModelRoute(FREE, "mock", "vendor/model:free", free=True)},
+            keys=(KeyEntry("e2e", hash_key(CLIENT_KEY)),),
+            timeouts=Timeouts(client_stall=0.5, keepalive=0),
+        )
+        await serve(
+            Gateway(config), "127.0.0.1:0", shutdown_trigger=stop.wait, task_status=task_status
+        )
         served.set()
 
-    urls = await nursery.start(run_server)
-    port = int(urls[0].rsplit(":", 1)[1])
     body = b'{"model": "%s", "stream": true, "messages": []}' % FREE.encode()
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
@@ -364,17 +372,21 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
         % (CLIENT_KEY.encode(), len(body), body)
     )
     with trio.fail_after(TIME_LIMIT):
+        await nursery.start(mock.serve)
+        urls = await nursery.start(run_server)
+        port = int(urls[0].rsplit(":", 1)[1])
         client = await trio.open_tcp_stream("127.0.0.1", port)
         with client.socket as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await client.send_all(request)
             sent_at = trio.current_time()
-            await trio.sleep(0.1)
-            assert mock.connections, "the gateway reached upstream"
+            await reached.wait()  # the mock has the forwarded request
+            [forwarded] = arrived
+            upstream = mock.connections[forwarded.connection]
             # The client never reads: buffers fill, then the stall timer runs.
-            await mock.connections[-1].closed.wait()
-            assert mock.connections[-1].closed_by_peer
-            stalled_for = (mock.connections[-1].closed_at or 0) - sent_at
+            await upstream.closed.wait()
+            assert upstream.closed_by_peer
+            stalled_for = (upstream.closed_at or 0) - sent_at
             assert 0.5 <= stalled_for < 5
             # The client still holds its socket and still reads nothing, yet the
             # server can stop: the kernel aborts the stalled connection
@@ -386,7 +398,8 @@ async def test_stalled_client_releases_upstream_through_hypercorn(nursery: trio.
 async def test_serve_command_with_a_toml_config(tmp_path: Path, nursery: trio.Nursery):
     """`trio-gateway serve --config` as a user runs it, then SIGTERM stops it cleanly."""
     mock = MockUpstream(Script(tokens=5), api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
+    with trio.fail_after(TIME_LIMIT):
+        await nursery.start(mock.serve)
     config = tmp_path / "gateway.toml"
     config.write_text(
         f"""

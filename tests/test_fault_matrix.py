@@ -373,7 +373,8 @@ async def test_invalid_utf8_in_a_delta_leaves_the_client_body_valid_utf8(
 @pytest.fixture
 async def mock(nursery: trio.Nursery) -> MockUpstream:
     upstream = MockUpstream(Script(tokens=TOKENS), api_key=UPSTREAM_KEY)
-    await nursery.start(upstream.serve)
+    with trio.fail_after(TIME_LIMIT):
+        await nursery.start(upstream.serve)
     return upstream
 
 

@@ -466,7 +466,7 @@ async def test_upstream_error_messages_never_name_the_upstream_model(
     assert UPSTREAM_MODEL.encode() not in call.text
     assert f"{PUBLIC_MODEL} is temporarily rate-limited upstream".encode() in call.text
     # Whole: an error answer.
-    error = {"error": {"message": SAYS_MODEL, "type": "rate_limit_error"}}
+    error: dict[str, Any] = {"error": {"message": SAYS_MODEL, "type": "rate_limit_error"}}
     if kind == "messages":
         error = {"type": "error", **error}
     replay.answer = FakeResponse(

@@ -75,7 +75,8 @@ async def test_serve_records_every_request_and_usage_reports_them(
 ):
     """`serve` with a database: SDK requests, SIGTERM, then `usage --json` on the file."""
     mock = MockUpstream(Script(tokens=6), api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
+    with trio.fail_after(30):
+        await nursery.start(mock.serve)
     config = tmp_path / "gateway.toml"
     config.write_text(
         f"""
@@ -114,7 +115,10 @@ destination = "requests.log"
     assert gateway.status == 0  # SIGTERM: drained and stopped cleanly
     database = str(tmp_path / "data.db")
     usage_command = [sys.executable, "-m", "trio_gateway", "usage", "--database", database]
-    report = await trio.run_process([*usage_command, "--json", "--by", "key"], capture_stdout=True)
+    with trio.fail_after(30):
+        report = await trio.run_process(
+            [*usage_command, "--json", "--by", "key"], capture_stdout=True
+        )
     (alice,) = json.loads(report.stdout)
     assert alice["key"] == "alice"
     assert alice["requests"] == 3

@@ -98,14 +98,16 @@ def garbage(event: int) -> dict[str, Any]:
     return {"mock_script": {"garble_event": event, "garble": "cut"}}
 
 
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+HI: list[Any] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("body", [cut(900), garbage(5)], ids=["clean-eof", "garbage"])
 async def test_openai_chat_stream_cut_or_garbled_raises(stack: Stack, body: dict[str, Any]):
     def consume() -> str:
         text = ""
-        stream = stack.openai.chat.completions.create(stream=True, extra_body=body, **CHAT)
+        stream = stack.openai.chat.completions.create(
+            model=MODEL, messages=HI, stream=True, extra_body=body
+        )
         for chunk in stream:
             for choice in chunk.choices:
                 text += choice.delta.content or ""
@@ -122,7 +124,9 @@ async def test_openai_chat_json_cut_raises(stack: Stack):
     with trio.fail_after(TIME_LIMIT):
         with pytest.raises(openai.APIStatusError) as raised:
             await in_thread(
-                lambda: stack.openai.chat.completions.create(extra_body=cut(200), **CHAT)
+                lambda: stack.openai.chat.completions.create(
+                    model=MODEL, messages=HI, extra_body=cut(200)
+                )
             )
     assert raised.value.status_code == 502
     assert (await stack.sink.last(1)).error_type is FailureType.UPSTREAM_TRUNCATED

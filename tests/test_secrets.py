@@ -79,7 +79,8 @@ level = "debug"
 
 async def test_no_key_reaches_any_output_channel(tmp_path: Path, nursery: trio.Nursery):
     mock = MockUpstream(echoing_script, api_key=UPSTREAM_KEY)
-    await nursery.start(mock.serve)
+    with trio.fail_after(TIME_LIMIT):
+        await nursery.start(mock.serve)
     config = tmp_path / "gateway.toml"
     config.write_text(config_text(mock.base_url))
     seen: list[bytes] = []  # everything clients received, heads included
