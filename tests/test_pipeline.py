@@ -690,3 +690,58 @@ async def test_a_batch_is_full_at_its_size_or_after_its_time(
     assert not batch.full()
     batch.add(b"y", arrived_at=trio.current_time())
     assert batch.full(), "a batch is full at 64 KiB"
+
+
+# --- One watchdog per stream: every timer at its exact deadline ---------------------------------
+
+
+async def test_a_stall_that_begins_while_the_watchdog_sleeps_fires_on_time(
+    autojump_clock: trio.testing.MockClock,
+):
+    # The watchdog last looked at 0 s, when only the idle timer (300 s) ran. A
+    # hand-over that begins at 10 s must still time out at exactly 10 + 60 s.
+    first, second = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []}) * 2
+    timeouts = Timeouts(idle=300, client_stall=60, keepalive=0)
+    body: list[BodyStep] = [first, 10.0, second, STALL]
+    gateway, upstream = make_gateway(FakeResponse(body=body), timeouts=timeouts)
+    call = request_for("chat")
+    call.reading = trio.Event()  # the client takes nothing: the first send never returns
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call.run, gateway)
+        await trio.sleep(100)
+        assert upstream.bodies[0].closed_at == start + 70
+        call.reading.set()
+    assert orjson.loads(call.events[-1].data or "")["error"]["type"] == "client_stall"
+
+
+async def test_keepalives_count_from_the_last_chunk_exactly(
+    autojump_clock: trio.testing.MockClock,
+):
+    event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    body: list[BodyStep] = [7.0, event, 22.0, event, 31.0, *sse("[DONE]")]
+    gateway, _ = make_gateway(FakeResponse(body=body), timeouts=Timeouts(keepalive=15, idle=100))
+    start = trio.current_time()
+    call = await request_for("chat").run(gateway)
+    keepalives = [
+        t - start
+        for part, t in zip(call.parts, call.part_times, strict=True)
+        if part == KEEPALIVE_COMMENT
+    ]
+    # Silence 0-7: none. Silence 7-29: one at 22. Silence 29-60: at 44 and 59.
+    assert keepalives == [22.0, 44.0, 59.0]
+
+
+async def test_idle_counts_from_the_last_chunk_exactly(autojump_clock: trio.testing.MockClock):
+    event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    body: list[BodyStep] = [10.0, event, 15.0, event, STALL]
+    timeouts = Timeouts(idle=30, keepalive=12)
+    gateway, upstream = make_gateway(FakeResponse(body=body), timeouts=timeouts)
+    start = trio.current_time()
+    call = await request_for("chat").run(gateway)
+    assert upstream.bodies[0].closed_at == start + 25 + 30
+    assert orjson.loads(call.events[-1].data or "")["error"]["type"] == "idle_timeout"
+    # Keepalives went on meanwhile (at 22, 37 and 49 s), each a whole item between events.
+    times = [t - start for part, t in zip(call.parts, call.part_times, strict=True)]
+    keepalives = [t for part, t in zip(call.parts, times, strict=True) if part == KEEPALIVE_COMMENT]
+    assert keepalives == [22.0, 37.0, 49.0]

@@ -118,7 +118,33 @@ class StreamResult:
     arrived_at: float = 0.0  # when the chunk now being handed over came from upstream
 
 
-_ChannelItem = bytes | Failure
+class _Keepalive:
+    """The watchdog's word to a writer that has waited ``keepalive`` seconds: send a comment."""
+
+
+_KEEPALIVE = _Keepalive()
+_ChannelItem = bytes | Failure | _Keepalive
+
+
+class _Clocks:
+    """When each task's current wait began: stamped by the tasks, read by the watchdog.
+
+    Plain attribute stores, so timing a wait costs no cancel-scope deadline
+    move. ``read_since`` or ``handover_since`` (while ``handing_over``) is
+    the reader's; ``writer_since`` is the writer's while it waits for a
+    chunk (infinity otherwise). ``fired`` says which timer the watchdog
+    fired on the reader's ``scope``.
+    """
+
+    __slots__ = ("fired", "handing_over", "handover_since", "read_since", "scope", "writer_since")
+
+    def __init__(self, now: float) -> None:
+        self.read_since = now
+        self.handover_since = now
+        self.handing_over = False
+        self.writer_since = math.inf
+        self.scope = trio.CancelScope()  # the reader's timer, entered by the reader
+        self.fired: FailureType | None = None
 
 
 async def _read_upstream(
@@ -127,6 +153,7 @@ async def _read_upstream(
     timeouts: Timeouts,
     control: ExchangeControl,
     result: StreamResult,
+    clocks: _Clocks,
 ) -> None:
     """Reader task: owns ``response`` and ``to_writer``; closes both on every way out.
 
@@ -135,7 +162,7 @@ async def _read_upstream(
     """
     try:
         with to_writer:
-            failure = await _pump(response, to_writer, timeouts, control, result)
+            failure = await _pump(response, to_writer, timeouts, control, result, clocks)
             if failure is not None:
                 # Recorded before the hand-over: a writer stuck on a stalled client
                 # may never take it, and must still not end the stream cleanly.
@@ -154,45 +181,91 @@ async def _pump(
     timeouts: Timeouts,
     control: ExchangeControl,
     result: StreamResult,
+    clocks: _Clocks,
 ) -> Failure | None:
     """Read chunks and hand each over until the end; return the upstream's failure, if any.
 
-    A checkpoint. One cancel scope times both phases of each round, moving
-    its deadline (a new scope per chunk would cost more than the rest of the
-    round): ``idle`` while reading, ``client_stall`` while handing over. A
-    client that stalls is recorded in ``result`` and ends the pump quietly.
+    A checkpoint. Each wait is stamped in ``clocks`` (a read, or a hand-over
+    the writer was not ready for) and timed by :func:`_watch`, which cancels
+    ``clocks.scope`` when ``idle`` or ``client_stall`` runs out. A chunk the
+    writer is already waiting for is handed over with ``send_nowait``: no
+    task switch of its own. A client that stalls is recorded in ``result``
+    and ends the pump quietly.
     """
-    idle, stall = timeouts.idle, timeouts.client_stall
-    reading = True
     async with raw_chunks(response) as chunks:
         if (stopped := control.stopped()) is not None:  # before the first read
             return stopped
-        with trio.CancelScope() as timer, control.guarded(timer):
+        with clocks.scope as timer, control.guarded(timer):
+            now = trio.current_time()
             while True:
-                reading = True
-                timer.deadline = trio.current_time() + idle
+                clocks.read_since = now
                 try:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     return None
                 except HTTPX_ERRORS as exc:
                     return failure_of(exc, "stream")
-                # Safe to share: the writer reads it after taking this chunk, and
-                # the next write comes only after the next read.
-                result.arrived_at = trio.current_time()
-                reading = False
-                timer.deadline = trio.current_time() + stall
+                now = result.arrived_at = trio.current_time()
                 try:
-                    await to_writer.send(chunk)
-                except trio.BrokenResourceError:  # the writer has already finished
+                    to_writer.send_nowait(chunk)  # the writer was waiting for it
+                except trio.WouldBlock:
+                    clocks.handover_since = now
+                    clocks.handing_over = True
+                    try:
+                        await to_writer.send(chunk)
+                    except trio.BrokenResourceError:  # the writer has already finished
+                        return None
+                    clocks.handing_over = False
+                    now = trio.current_time()
+                except trio.BrokenResourceError:
                     return None
-    # The timer fired, or the exchange was stopped.
+    # The watchdog fired, or the exchange was stopped.
     if (stopped := control.stopped()) is not None:
         return stopped
-    if reading:
-        return idle_failure(idle)
+    if clocks.fired is FailureType.IDLE_TIMEOUT:
+        return idle_failure(timeouts.idle)
+    stall = timeouts.client_stall
     result.failure = Failure(FailureType.CLIENT_STALL, f"client took nothing for {stall:g} s")
     return None
+
+
+async def _watch(
+    clocks: _Clocks, timeouts: Timeouts, to_writer: trio.MemorySendChannel[_ChannelItem]
+) -> None:
+    """Watchdog: the one timer of a stream. A checkpoint; runs until cancelled.
+
+    Sleeps until the earliest deadline the stamps in ``clocks`` give, then:
+    cancels the reader's scope when its read outlasted ``idle`` or its
+    hand-over ``client_stall`` (and returns), or hands a waiting writer the
+    keepalive word. It never sleeps longer than the shortest timeout past
+    its last look: a wait stamped after that look cannot end sooner, so
+    every timer fires at its exact deadline. A writer that is busy when its
+    keepalive falls due was not silent, and gets none.
+    """
+    idle, stall, keepalive = timeouts.idle, timeouts.client_stall, timeouts.keepalive
+    step = min(idle, stall, keepalive)
+    if math.isinf(step):
+        return  # every timer is off; a shutdown stop goes through ExchangeControl
+    while True:
+        now = trio.current_time()
+        if clocks.handing_over:
+            reader_due, why = clocks.handover_since + stall, FailureType.CLIENT_STALL
+        else:
+            reader_due, why = clocks.read_since + idle, FailureType.IDLE_TIMEOUT
+        if reader_due <= now:
+            clocks.fired = why
+            clocks.scope.cancel(reason=why.value)
+            return
+        writer_due = clocks.writer_since + keepalive
+        if writer_due <= now:
+            clocks.writer_since = writer_due = math.inf
+            try:
+                to_writer.send_nowait(_KEEPALIVE)
+            except trio.WouldBlock:
+                pass  # the writer is busy sending: not silent
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        await trio.sleep_until(min(reader_due, writer_due, now + step))
 
 
 class _Batch:
@@ -237,15 +310,17 @@ async def _write_client(
     from_reader: trio.MemoryReceiveChannel[_ChannelItem],
     rewriter: StreamRewriter,
     body: ClientBody,
-    keepalive: float,
     result: StreamResult,
     observer: StreamObserver | None,
+    clocks: _Clocks,
 ) -> bytes:
     """Writer: owns ``from_reader``; sends rewritten items and keepalives.
 
     Returns the ending to send once the upstream is closed: the clean tail,
-    or the error event if the stream failed. Like the reader, it keeps one
-    cancel scope for as long as no keepalive fires, moving its deadline.
+    or the error event if the stream failed. Before each wait for a chunk it
+    stamps ``clocks.writer_since``; the watchdog hands it the keepalive word
+    over the channel once that wait has lasted ``keepalive`` seconds, so the
+    comment goes out between whole items, and no cancel scope is needed.
 
     **Batching.** One upstream read often brings many chunks (a provider
     flushes each event as an HTTP chunk, and httpx yields them one by one),
@@ -268,47 +343,47 @@ async def _write_client(
             result.first_content_at = trio.current_time()
 
     with from_reader:
+        yields_left = 0  # scheduler passes to give a reader that is ahead
         while True:
-            with trio.CancelScope() as quiet:
-                yields_left = 0  # scheduler passes to give a reader that is ahead
-                while True:
-                    try:
-                        item = from_reader.receive_nowait()
-                    except trio.WouldBlock:
-                        if yields_left:  # it may hold chunks that need no network read
-                            # Two passes: Trio may run the writer first in the next one.
-                            yields_left -= 1
-                            await trio.lowlevel.checkpoint()
-                            continue
-                        if batch.size:
-                            await flush()
-                            continue
-                        quiet.deadline = trio.current_time() + keepalive
-                        try:
-                            item = await from_reader.receive()
-                        except trio.EndOfChannel:
-                            return _clean_ending(rewriter, result)
-                        quiet.deadline = math.inf  # never while sending
-                    except trio.EndOfChannel:
-                        item = None
-                    else:
-                        yields_left = 0 if batch.full() else 2
-                    if item is None or isinstance(item, Failure):
-                        if batch.size:  # events before the end go out as they would have
-                            await flush()
-                        if item is None:
-                            return _clean_ending(rewriter, result)
-                        result.failure = item
-                        return rewriter.fail(item)
-                    batch.add(rewriter.feed(item), result.arrived_at)
-                    if rewriter.failure is not None:  # invalid or runaway upstream bytes
-                        if batch.size:  # the events before it go out as they would have
-                            await flush()
-                        result.failure = rewriter.failure
-                        return rewriter.fail(rewriter.failure)
-            await body.send(KEEPALIVE_COMMENT)
-            if observer is not None:
-                observer.keepalive_sent()
+            try:
+                item = from_reader.receive_nowait()
+            except trio.WouldBlock:
+                if yields_left:  # it may hold chunks that need no network read
+                    # Two passes: Trio may run the writer first in the next one.
+                    yields_left -= 1
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if batch.size:
+                    await flush()
+                    continue
+                clocks.writer_since = trio.current_time()
+                try:
+                    item = await from_reader.receive()
+                except trio.EndOfChannel:
+                    return _clean_ending(rewriter, result)
+                clocks.writer_since = math.inf
+                if item is _KEEPALIVE:
+                    await body.send(KEEPALIVE_COMMENT)
+                    if observer is not None:
+                        observer.keepalive_sent()
+                    continue
+            except trio.EndOfChannel:
+                item = None
+            else:
+                yields_left = 0 if batch.full() else 2
+            if item.__class__ is not bytes:  # the end, or a failure
+                if batch.size:  # events before the end go out as they would have
+                    await flush()
+                if not isinstance(item, Failure):
+                    return _clean_ending(rewriter, result)
+                result.failure = item
+                return rewriter.fail(item)
+            batch.add(rewriter.feed(item), result.arrived_at)
+            if rewriter.failure is not None:  # invalid or runaway upstream bytes
+                if batch.size:  # the events before it go out as they would have
+                    await flush()
+                result.failure = rewriter.failure
+                return rewriter.fail(rewriter.failure)
 
 
 def _clean_ending(rewriter: StreamRewriter, result: StreamResult) -> bytes:
@@ -344,12 +419,12 @@ async def stream_events(
     stream got even when it is cancelled.
     """
     result = result if result is not None else StreamResult()
+    clocks = _Clocks(trio.current_time())
     send_chan, receive_chan = trio.open_memory_channel[_ChannelItem](0)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result)
-        ending = await _write_client(
-            receive_chan, rewriter, body, timeouts.keepalive, result, observer
-        )
+        nursery.start_soon(_read_upstream, response, send_chan, timeouts, control, result, clocks)
+        nursery.start_soon(_watch, clocks, timeouts, send_chan)
+        ending = await _write_client(receive_chan, rewriter, body, result, observer, clocks)
         nursery.cancel_scope.cancel(reason="client writer finished")
     await body.end(ending)
     return result
