@@ -19,7 +19,7 @@ from tests.helpers import (
     make_config,
     sse,
 )
-from trio_gateway._accounting.limiter import MemoryRateLimiter
+from trio_gateway._accounting.limiter import LimiterUnavailable, MemoryRateLimiter
 from trio_gateway._core.buckets import TokenBucket, retry_after_header
 from trio_gateway._core.config import KeyEntry, ModelRoute, hash_key
 from trio_gateway._proxy.app import Gateway
@@ -310,3 +310,28 @@ async def test_a_custom_limiter_backs_the_gateway(autojump_clock: trio.testing.M
     assert refused.response_headers[b"retry-after"] == b"3"
     assert limiter.admitted == ["tests", "tests"]
     assert limiter.charged == [("tests", 10)], "only the request that ran is charged"
+
+
+@pytest.mark.parametrize("route", [CHAT, MESSAGES], ids=["chat", "messages"])
+async def test_an_unavailable_shared_limiter_failing_closed_is_503_in_the_kinds_shape(
+    route: tuple[str, dict[str, Any]], autojump_clock: trio.testing.MockClock
+):
+    class Down:
+        async def admit(self, key: KeyEntry) -> float | None:
+            raise LimiterUnavailable("the rate-limit store (redis.internal:6379) did not answer")
+
+        async def charge(self, key: KeyEntry, tokens: int) -> None:
+            raise AssertionError("nothing ran, so nothing is charged")
+
+    upstream = FakeUpstream(chat_answer())
+    config = dataclasses.replace(make_config(), keys=(key(rpm=10),))
+    gateway = Gateway(config, transport=upstream, limiter=Down())
+    answer = await call(route).run(gateway)
+    assert answer.status == 503
+    assert answer.response_headers[b"retry-after"] == b"1"
+    assert upstream.requests == []
+    body = answer.json_body()
+    assert body["error"]["type"] == (
+        "overloaded_error" if route is MESSAGES else "service_unavailable"
+    )
+    assert "redis" not in answer.text.decode()

@@ -17,11 +17,13 @@ from trio_gateway._core.config import (
     GatewayConfig,
     KeyEntry,
     ModelRoute,
+    RedisTarget,
     Timeouts,
     Upstream,
     hash_key,
     load_config,
     parse_config,
+    split_redis_url,
 )
 
 SECRET = "sk-or-v1-0123456789abcdef-very-secret"
@@ -577,3 +579,139 @@ def test_bad_client_headers_or_request_body_is_named(value: Any):
         assert message.startswith(f"timeouts.{key}: expected a")
         numeric = not isinstance(value, bool | str)
         assert ("0 turns it off" in message) == (key == "request_body" and numeric)
+
+
+# --- [limits]: rate limits shared through Redis ----------------------------------------------
+
+REDIS_PASSWORD = "hunter2-redis-password"
+
+
+def with_limits(**limits: Any) -> dict[str, Any]:
+    data = example()
+    data["limits"] = limits
+    return data
+
+
+def test_limits_defaults_keep_the_limits_in_memory():
+    config = parse_config(example(), ENV)
+    assert config.redis_url is None
+    assert config.redis_timeout == 0.05
+    assert config.on_redis_error == "fail_open"
+    assert config.redis_prefix == "trio-gateway:"
+
+
+def test_limits_parse():
+    url = f"rediss://gateway:{REDIS_PASSWORD}@redis.internal:6380/2"
+    config = parse_config(
+        with_limits(
+            redis_url=url,
+            redis_timeout=0.2,
+            on_redis_error="fail_closed",
+            redis_prefix="eu-1:",
+        ),
+        ENV,
+    )
+    assert config.redis_url == url
+    assert config.redis_timeout == 0.2
+    assert config.on_redis_error == "fail_closed"
+    assert config.redis_prefix == "eu-1:"
+    assert parse_config(with_limits(redis_timeout=1), ENV).redis_timeout == 1.0
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("redis://127.0.0.1", RedisTarget("127.0.0.1")),
+        ("redis://localhost:6379/0", RedisTarget("localhost")),
+        ("redis://[::1]:7000/", RedisTarget("::1", 7000)),
+        ("rediss://h:6380/15", RedisTarget("h", 6380, 15, tls=True)),
+        ("redis://:p%40ss@h", RedisTarget("h", password="p@ss")),
+        ("redis://me:secret@h/3", RedisTarget("h", db=3, username="me", password="secret")),
+    ],
+)
+def test_redis_url_forms(url: str, target: RedisTarget):
+    assert split_redis_url(url) == target
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (
+            {"redis_url": "http://127.0.0.1:6379"},
+            "limits.redis_url: expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://...",
+        ),
+        ({"redis_url": "redis://"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "redis://h:99999"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "redis://h:0"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "redis://h:port"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "redis://h/0?ssl=true"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "redis://h /0"}, "limits.redis_url: expected redis://"),
+        ({"redis_url": "127.0.0.1:6379"}, "limits.redis_url: expected redis://"),
+        (
+            {"redis_url": "redis://h/zero"},
+            "limits.redis_url: the database must be a number, as in redis://HOST/0",
+        ),
+        (
+            {"redis_url": "redis://admin@h"},
+            "limits.redis_url: a user name needs a password, as in USER:PASSWORD@",
+        ),
+        ({"redis_url": ""}, "limits.redis_url: must not be empty"),
+        ({"redis_url": 6379}, "limits.redis_url: expected a string, got 6379"),
+        ({"redis_timeout": 0}, "limits.redis_timeout: expected a positive number, got 0"),
+        ({"redis_timeout": -1}, "limits.redis_timeout: expected a positive number, got -1"),
+        ({"redis_timeout": math.inf}, "limits.redis_timeout: expected a positive number, got inf"),
+        (
+            {"redis_timeout": "50ms"},
+            "limits.redis_timeout: expected a number of seconds, got '50ms'",
+        ),
+        (
+            {"on_redis_error": "open"},
+            'limits.on_redis_error: expected "fail_open" or "fail_closed"',
+        ),
+        ({"on_redis_error": True}, "limits.on_redis_error: expected a string, got True"),
+        ({"redis_prefix": ""}, "limits.redis_prefix: must not be empty"),
+        ({"redis_host": "h"}, "limits.redis_host: unknown key"),
+    ],
+)
+def test_bad_limits_are_named(limits: dict[str, Any], expected: str):
+    assert error_of(with_limits(**limits)).startswith(expected)
+
+
+def test_limits_that_is_not_a_table():
+    data = example()
+    data["limits"] = "redis://127.0.0.1"
+    assert error_of(data) == "limits: expected a table"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{REDIS_PASSWORD}@h:99999",
+        f"redis://u:{REDIS_PASSWORD}@h/db",
+        f"http://u:{REDIS_PASSWORD}@h",
+        f"redis://u:{REDIS_PASSWORD}@h/0#frag",
+    ],
+)
+def test_redis_url_errors_never_show_the_url_or_its_password(url: str):
+    message = error_of(with_limits(redis_url=url))
+    assert message.startswith("limits.redis_url: ")
+    assert REDIS_PASSWORD not in message
+    assert url not in message
+
+
+def test_repr_never_shows_the_redis_url_or_its_password():
+    url = f"redis://gateway:{REDIS_PASSWORD}@redis.internal:6379/0"
+    config = parse_config(with_limits(redis_url=url), ENV)
+    target = split_redis_url(url)
+    assert target.password == REDIS_PASSWORD
+    for text in (repr(config), str(config), repr(target), str(target)):
+        assert REDIS_PASSWORD not in text
+        assert url not in text
+
+
+def test_limits_built_in_code_are_checked_too():
+    base = parse_config(example(), ENV)
+    with pytest.raises(ConfigError, match=r"^limits\.redis_url: expected redis://"):
+        GatewayConfig(base.upstreams, base.models, base.keys, redis_url="redis//nowhere")
+    with pytest.raises(ConfigError, match=r"^limits\.redis_timeout: expected a positive number"):
+        GatewayConfig(base.upstreams, base.models, base.keys, redis_timeout=0)

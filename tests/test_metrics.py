@@ -47,6 +47,7 @@ FAMILIES = {
     "trio_gateway_request_failures": "counter",
     "trio_gateway_keepalives": "counter",
     "trio_gateway_added_latency_seconds": "histogram",
+    "trio_gateway_rate_limit_store_unavailable": "counter",
 }
 # Sample name -> the store attribute it shows.
 STORE_SAMPLES = {
@@ -385,3 +386,15 @@ def test_two_gateways_keep_separate_metrics() -> None:
     # Nothing went to the library's global registry.
     global_body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
     assert b"trio_gateway_" not in global_body
+
+
+def test_an_unavailable_rate_limit_store_is_counted_at_scrape_time() -> None:
+    class SharedLimiter:
+        unavailable = 0
+
+    metrics = GatewayMetrics()
+    assert scrape(metrics)["trio_gateway_rate_limit_store_unavailable_total"] == {labels(): 0}
+    limiter = SharedLimiter()
+    metrics.watch_limiter(limiter)
+    limiter.unavailable = 3
+    assert scrape(metrics)["trio_gateway_rate_limit_store_unavailable_total"] == {labels(): 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sqlite3
 import sys
@@ -68,10 +69,17 @@ def _serve(config_path: str, bind: str | None) -> int:
         if config.log_level != "off":
             logging.getLogger("trio_gateway.requests").setLevel(config.log_level.upper())
     store = UsageStore(config.database) if config.database is not None else None
-    gateway = Gateway(config, store=store, request_log=request_log)
+    limiter = None
+    if config.redis_url is not None:
+        # Imported only here: the Redis client takes most of a second to import.
+        from trio_gateway._accounting.redis_limiter import RedisRateLimiter
+
+        limiter = RedisRateLimiter.from_config(config)
+    gateway = Gateway(config, store=store, request_log=request_log, limiter=limiter)
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
+        # The Redis client lives in this Trio run; closed when serving ends.
+        async with limiter or contextlib.nullcontext(), trio.open_nursery() as nursery:
             urls = await nursery.start(serve, gateway, bind or config.bind)
             print(f"trio-gateway listening on {' '.join(urls)}", file=sys.stderr, flush=True)
 

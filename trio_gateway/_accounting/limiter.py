@@ -16,7 +16,16 @@ import trio
 from trio_gateway._core.buckets import TokenBucket
 from trio_gateway._core.config import KeyEntry
 
-__all__ = ["MemoryRateLimiter", "RateLimiter"]
+__all__ = ["LimiterUnavailable", "MemoryRateLimiter", "RateLimiter"]
+
+
+class LimiterUnavailable(Exception):
+    """The shared rate-limit store did not answer, and the gateway is set to refuse then.
+
+    Raised by ``admit`` under ``[limits] on_redis_error = "fail_closed"``; the
+    request is answered with 503 in its endpoint's error shape and is not sent
+    upstream. Never raised by ``charge``.
+    """
 
 
 class RateLimiter(Protocol):

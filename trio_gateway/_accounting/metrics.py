@@ -166,6 +166,26 @@ class _StoreCollector:
         return families
 
 
+class _LimiterCollector:
+    """Reads a shared rate-limit store's ``unavailable`` count when the registry is collected.
+
+    A limiter without the attribute (the in-memory one never fails) reads 0.
+    """
+
+    _NAME = PREFIX + "rate_limit_store_unavailable"
+    _DOC = "Rate-limit store calls that failed or ran out of time (fail_open admits them)."
+
+    def __init__(self) -> None:
+        self.limiter: object = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._NAME, self._DOC, value=0)]
+
+    def collect(self) -> Iterable[Metric]:
+        value = int(getattr(self.limiter, "unavailable", 0))
+        return [CounterMetricFamily(self._NAME, self._DOC, value=value)]
+
+
 class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of their own.
 
@@ -253,12 +273,18 @@ class GatewayMetrics:
         )
         self._store = _StoreCollector()
         r.register(self._store)
+        self._limiter = _LimiterCollector()
+        r.register(self._limiter)
 
     # -- the usage store -------------------------------------------------------------
 
     def watch_store(self, store: StoreHealth | None) -> None:
         """Report ``store``'s health from the next scrape on (None: stop reporting it)."""
         self._store.store = store
+
+    def watch_limiter(self, limiter: object) -> None:
+        """Report how often ``limiter``'s shared store was unavailable, from the next scrape on."""
+        self._limiter.limiter = limiter
 
     # -- live gauges -------------------------------------------------------------------
 

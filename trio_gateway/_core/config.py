@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +26,18 @@ __all__ = [
     "GatewayConfig",
     "KeyEntry",
     "ModelRoute",
+    "RedisTarget",
     "Timeouts",
     "Upstream",
     "hash_key",
     "load_config",
     "parse_config",
+    "split_redis_url",
 ]
 
 AuthStyle = Literal["bearer", "x-api-key"]
+#: ``[limits] on_redis_error``: admit when Redis does not answer, or refuse with 503.
+RedisErrorPolicy = Literal["fail_open", "fail_closed"]
 
 #: The request log's levels (``[log] level``): each name's stdlib logging level; "off" logs nothing.
 LOG_LEVELS: Final[dict[str, int | None]] = {
@@ -132,9 +137,14 @@ class GatewayConfig:
     max_upstream_body_bytes: int = 64 * 1024 * 1024  # a non-streamed upstream answer
     max_event_bytes: int = 16 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=Timeouts)
-    database: str | None = None  # the usage database; None: no request log
+    database: str | None = None  # the usage database; None: no usage database
     log_level: str = "info"  # the per-request JSON log line's level
     log_destination: str = "-"  # "-" for stderr, "logging" for the stdlib logger, or a path
+    # [limits]: rate limits kept in Redis, shared by processes (None: in this process's memory)
+    redis_url: str | None = field(default=None, repr=False)  # the URL may hold a password
+    redis_timeout: float = 0.05  # seconds; bounds every call to Redis
+    on_redis_error: RedisErrorPolicy = "fail_open"
+    redis_prefix: str = "trio-gateway:"
 
     def __post_init__(self) -> None:
         for route in self.models.values():
@@ -160,6 +170,12 @@ class GatewayConfig:
             if unknown:
                 raise ConfigError(f"keys[{index}].models: no model named {unknown[0]!r}")
         split_bind(self.bind)
+        if self.redis_url is not None:
+            split_redis_url(self.redis_url)
+        if not 0 < self.redis_timeout < math.inf:
+            raise ConfigError(
+                f"limits.redis_timeout: expected a positive number, got {self.redis_timeout!r}"
+            )
 
     def find_key(self, presented: str) -> KeyEntry | None:
         """The configured key matching ``presented``, or None.
@@ -186,6 +202,53 @@ def split_bind(bind: str) -> tuple[str, int]:
     if match is None or int(match["port"]) > 65535:
         raise ConfigError(f"server.bind: expected HOST:PORT, got {bind!r}")
     return match["host"].strip("[]"), int(match["port"])
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where ``[limits] redis_url`` points; the password is kept out of ``repr``."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    tls: bool = False  # rediss://
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+_REDIS_URL_FORM = "expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] or rediss://..."
+
+
+def split_redis_url(url: str) -> RedisTarget:
+    """Parse a ``redis://`` or ``rediss://`` URL; raise a ConfigError that never echoes it."""
+    problem = f"limits.redis_url: {_REDIS_URL_FORM}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError:
+        raise ConfigError(problem) from None
+    if (
+        parts.scheme not in ("redis", "rediss")
+        or not parts.hostname
+        or port == 0
+        or parts.query
+        or parts.fragment
+        or re.search(r"\s", url)
+    ):
+        raise ConfigError(problem)
+    db = parts.path.removeprefix("/")
+    if not re.fullmatch(r"\d{0,9}", db):
+        raise ConfigError("limits.redis_url: the database must be a number, as in redis://HOST/0")
+    if parts.username and parts.password is None:
+        raise ConfigError("limits.redis_url: a user name needs a password, as in USER:PASSWORD@")
+    return RedisTarget(
+        host=parts.hostname,
+        port=port or 6379,
+        db=int(db or 0),
+        tls=parts.scheme == "rediss",
+        username=urllib.parse.unquote(parts.username) if parts.username else None,
+        password=None if parts.password is None else urllib.parse.unquote(parts.password),
+    )
 
 
 def _quote(name: str) -> str:
@@ -395,6 +458,15 @@ def parse_config(
     auth_table = root.table("auth")
     allow_anonymous = auth_table.flag("allow_anonymous")
     auth_table.check_unknown()
+
+    limits = root.table("limits")
+    redis_url = limits.text("redis_url") if "redis_url" in limits.data else None
+    redis_timeout = limits.seconds("redis_timeout", 0.05)
+    on_redis_error = limits.text("on_redis_error", "fail_open")
+    if on_redis_error not in ("fail_open", "fail_closed"):
+        raise ConfigError('limits.on_redis_error: expected "fail_open" or "fail_closed"')
+    redis_prefix = limits.text("redis_prefix", "trio-gateway:")
+    limits.check_unknown()
     root.check_unknown()
 
     return GatewayConfig(
@@ -410,6 +482,10 @@ def parse_config(
         database=database,
         log_level=log_level,
         log_destination=log_destination,
+        redis_url=redis_url,
+        redis_timeout=redis_timeout,
+        on_redis_error="fail_open" if on_redis_error == "fail_open" else "fail_closed",
+        redis_prefix=redis_prefix,
     )
 
 

@@ -86,6 +86,7 @@ class Gateway:
         self.limiter: RateLimiter = limiter or MemoryRateLimiter()
         self.sinks = [*sinks, *([store] if store is not None else [])]
         self.metrics.watch_store(store)
+        self.metrics.watch_limiter(self.limiter)
         self._closed = False
         self._open_exchanges: set[ExchangeControl] = set()
         self._exchanges_changed = trio.Event()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 import trio
 
-from trio_gateway._accounting.limiter import RateLimiter
+from trio_gateway._accounting.limiter import LimiterUnavailable, RateLimiter
 from trio_gateway._core.buckets import retry_after_header
 from trio_gateway._core.config import GatewayConfig, KeyEntry, ModelRoute
 from trio_gateway._core.kinds import Kind
@@ -125,11 +125,21 @@ async def prepare(
 async def admit(limiter: RateLimiter, key: KeyEntry) -> None:
     """Count the request against ``key``'s limits; RequestError(429) if over one.
 
-    A checkpoint when ``key`` has limits (a shared store may wait on the network).
+    RequestError(503) when a shared store is unavailable and configured to
+    fail closed. A checkpoint when ``key`` has limits (a shared store waits
+    on the network, bounded by its own timeout).
     """
     if key.rpm is None and key.tpm is None:
         return
-    wait = await limiter.admit(key)
+    try:
+        wait = await limiter.admit(key)
+    except LimiterUnavailable:
+        # fail_closed, and the shared store did not answer. Its words name its
+        # host, so the client gets the gateway's own.
+        message = "rate limits are unavailable; retry shortly"
+        raise RequestError(
+            503, message, "rate_limits_unavailable", [(b"retry-after", b"1")]
+        ) from None
     if wait is not None:
         message = f"rate limit exceeded for this key; retry in {wait:.1f} s"
         raise RequestError(
