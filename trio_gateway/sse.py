@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -104,13 +104,14 @@ class SSEEventTooLarge(SSEError):
     """An event (or comment) grew past the decoder's ``max_event_bytes``."""
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     """One item of an event stream: an event block, or a comment line.
 
     ``data`` is None when the block had no data field; ``comment`` is set only
     for a comment line, which has no other field. ``raw`` is the item's exact
-    bytes on the wire, terminator included.
+    bytes on the wire, terminator included. Immutable. A named tuple rather
+    than a frozen dataclass: one is made per event on the gateway's hot path,
+    and it is made about three times faster.
     """
 
     event: str | None = None

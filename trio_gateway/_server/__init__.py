@@ -1,5 +1,6 @@
 """Serving the gateway under hypercorn's trio worker.
 
-``serve`` runs it with graceful shutdown; ``hypercorn_h11`` is the one
-module that knows hypercorn's private API.
+``serve`` runs it with graceful shutdown and uses only hypercorn's public
+API; ``hypercorn_private`` is the one module that knows hypercorn's private
+API.
 """

@@ -1,40 +1,58 @@
 """Serving the app with hypercorn's trio worker, and shutting down gracefully.
 
-Theory of operation: :func:`serve` runs hypercorn in a nursery of its own.
-Listening sockets carry ``TCP_USER_TIMEOUT`` = ``timeouts.client_stall``, so
-the kernel aborts a connection whose client stopped reading (see
-:class:`_Config`). Hypercorn's keep-alive timer, ``timeouts.client_headers``,
-bounds the wait for a whole request head, however slowly it trickles; the app
-bounds the body (``timeouts.request_body``). HTTP/1.1 connections run
-:class:`_GatewayH11Protocol`, which refuses ambiguous framing (request
-smuggling) before the app sees it, and keeps hypercorn's reading task from
-writing over, or closing under, an answer the app is sending.
-When the shutdown trigger fires (SIGINT or SIGTERM by default) hypercorn
-stops accepting connections and gives open ones ``timeouts.shutdown`` plus a
-margin; meanwhile :meth:`Gateway.drain` lets open streams finish for
-``timeouts.shutdown`` seconds and then ends the rest with their kind's error
-event, so no client mistakes a shutdown for a clean end.
+Theory of operation
+===================
+
+:func:`serve` runs hypercorn in a nursery of its own, beside the usage
+store, which it starts first and closes (drained, bounded) last. It uses only
+hypercorn's public API (``hypercorn.config.Config`` and
+``hypercorn.trio.serve``); what the gateway needs from hypercorn's internals
+lives in :mod:`~trio_gateway._server.hypercorn_private`:
+
+* listening sockets carry ``TCP_USER_TIMEOUT`` = ``timeouts.client_stall``,
+  so the kernel aborts a connection whose client stopped reading;
+* HTTP/1.1 connections run the gateway's protocol, which refuses ambiguous
+  framing (request smuggling) before the app sees it, keeps hypercorn's
+  reading task from writing over, or closing under, an answer the app is
+  sending, and closes a connection as soon as its client has closed it.
+
+Hypercorn's keep-alive timer, ``timeouts.client_headers``, bounds the wait for
+a whole request head, however slowly it trickles; the app bounds the body
+(``timeouts.request_body``).
+
+Shutdown takes up to three steps, each started by a signal (SIGINT or
+SIGTERM) or, in tests, by a trigger:
+
+1. The first stops hypercorn accepting and starts :meth:`Gateway.drain`:
+   open requests get ``timeouts.shutdown`` seconds to finish, then the rest
+   are stopped, each still answered with its kind's error event (or a 503)
+   and recorded, so no client mistakes a shutdown for a clean end. Hypercorn
+   gives open connections that grace plus a margin.
+2. A second ends the grace now (:meth:`Gateway.end_grace`): every open
+   request is stopped at once, in the same way. The process then ends as
+   after the grace: when every connection has closed and the usage store has
+   written what it holds.
+3. A third ends the process at once, as the signal's default action does,
+   with no cleanup: records not yet written are lost, as with ``kill -9``.
+
+The signal receiver is installed for the whole of :func:`serve`, so a signal
+during the drain is never the default action before the third. (Signals
+that arrive together, before the gateway has seen the first, count once.)
 """
 
 from __future__ import annotations
 
 import math
 import signal
-import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
-import h11
 import trio
-from hypercorn import protocol as hypercorn_protocol
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 
-from trio_gateway._core.kinds import Kind, error_body
 from trio_gateway._proxy.app import Gateway
+from trio_gateway._server.hypercorn_private import Config, install_protocol
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -42,203 +60,19 @@ __all__ = ["hypercorn_config", "serve"]
 # events of stopped streams to reach their clients.
 _SEND_MARGIN = 5.0
 
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-class _Config(HypercornConfig):
-    """Hypercorn's settings, plus a kernel-enforced bound on stalled clients.
-
-    Hypercorn shields its socket writes, so no cancellation can free a
-    connection whose client has stopped reading. ``TCP_USER_TIMEOUT`` makes
-    the kernel abort such a connection once it has made no progress for that
-    long, zero-window probing included (Linux 5.11+); the blocked write then
-    fails and the request's task ends. Accepted sockets inherit the option
-    from the listening socket.
-    """
-
-    stall_ms: int | None = None
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        if self.stall_ms is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.stall_ms)
-        return sockets
-
-
-# The routes of Gateway._http, to answer a refused request in its endpoint's shape.
-_KINDS_BY_PATH = {"/v1" + kind.path: kind for kind in Kind}
-
-
-class _Connection(h11.Connection):
-    """h11's server side, noting whether the request being answered arrived whole."""
-
-    request_whole = False
-
-    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        event = super().next_event()
-        if isinstance(event, h11.Request):
-            self.request_whole = False
-        elif isinstance(event, h11.EndOfMessage):
-            self.request_whole = True
-        return event
-
-
-class _GatewayH11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1 protocol, hardened against hostile framing.
-
-    Hypercorn runs two tasks per connection: a reading task that parses with
-    h11, and the app's task that answers. Hypercorn lets both write to and
-    close the socket, which is where the troubles below come from. The rules
-    here: the reading task writes only while no app owns the request, and
-    once the app does, the connection closes only after the app's answer.
-
-    1. **Request smuggling.** h11 accepts both Content-Length and
-       Transfer-Encoding (chunked wins) and parses what follows as the next
-       request: a proxy in front that trusted Content-Length would see one
-       request where the gateway serves two (RFC 9112 section 6.3). Such a
-       request, and an HTTP/1.0 one with Transfer-Encoding (section 6.1), is
-       answered with a 400 in its endpoint's error shape before any app
-       sees it, and the connection is closed. (Refused in the app instead,
-       the 400 raced the reading task's close, and was often lost.)
-    2. **A protocol error while the app answers.** Stock hypercorn's reading
-       task then writes its own error answer over the app's, and may meet
-       the app closing the socket: the ``BusyResourceError`` that escapes
-       ends the whole server (one client, one packet, e.g. ``GET /healthz
-       HTTP/1.0`` and a byte after it). Here the reading task stays silent,
-       and the rest of the input is dropped unparsed; the connection closes
-       after the app's answer if the app has the whole request or has begun
-       to answer, else at once (the app sees a disconnect). A client so gets
-       a whole answer or none, never a cut one.
-    3. **Refusals the client can read.** h11's own refusals (conflicting
-       Content-Lengths, an unsupported or repeated Transfer-Encoding, a
-       malformed or oversized head) get a JSON body, and 400 in place of
-       h11's 501: a framing the gateway does not accept is the client's
-       mistake, and RFC 9112 requires 400 when chunked is not the final
-       coding, which h11 does not tell apart.
-    4. **HTTP/1.1 only.** ``Upgrade`` is ignored (RFC 9110 section 7.8):
-       the gateway has no WebSocket endpoint (stock hypercorn answered an
-       upgrade with 500, or left the connection open for good after a bad
-       handshake), and no HTTP/2 without TLS (h2c), whose connections the
-       timers here do not bound (a bare preface held one open for good). A
-       ``PRI`` request, HTTP/2's preface, is refused.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Upgrades are ignored, so this is never swapped for an H11WSConnection.
-        self.connection: _Connection = _Connection(
-            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
-        )
-        self._send_to_server = self.send
-        self.send = self._send_unless_answering
-        self._broken = False  # the input broke framing; it is no longer parsed
-
-    async def handle(self, event: Event) -> None:
-        """Handle ``event``; input after a framing error is dropped (then not a checkpoint)."""
-        if isinstance(event, RawData) and event.data and self._broken:
-            return  # dropped, not buffered: a client may keep sending
-        await super().handle(event)
-
-    async def _send_unless_answering(self, event: Event) -> None:
-        """Pass ``event`` to the connection, but no close that would cut the app's answer.
-
-        A checkpoint when it passes the event on.
-        """
-        # A Closed() while an app owns the request comes only from the reading
-        # task's error path (_maybe_recycle clears the stream before it closes).
-        if isinstance(event, Closed) and self.stream is not None:
-            self._broken = True
-            answering = self.connection.our_state not in {h11.IDLE, h11.SEND_RESPONSE}
-            if answering or self.connection.request_whole:
-                return  # the end of the app's answer closes the connection
-        await self._send_to_server(event)
-
-    async def _check_protocol(self, event: h11.Request) -> None:
-        """Never switch to HTTP/2 (see 4. in the class docstring). Not a checkpoint."""
-
-    async def _create_stream(self, request: h11.Request) -> None:
-        """Hand ``request`` to the app, or refuse it and close. A checkpoint."""
-        names = {name for name, _ in request.headers}
-        refusal = None
-        if b"transfer-encoding" in names:
-            if b"content-length" in names:
-                refusal = "the request has both Content-Length and Transfer-Encoding"
-            elif request.http_version == b"1.0":
-                refusal = "an HTTP/1.0 request cannot use Transfer-Encoding"
-        if refusal is not None:
-            path = request.target.partition(b"?")[0].decode("latin-1")
-            await self._refuse(_KINDS_BY_PATH.get(path), 400, refusal, "ambiguous_length")
-            await self.send(Closed())  # never read on: what follows may be a smuggled request
-        elif request.method == b"PRI":
-            message = "the gateway speaks HTTP/1.1 only"
-            await self._refuse(None, 400, message, "unsupported_protocol")
-            await self.send(Closed())
-        else:
-            if b"upgrade" in names:
-                request = h11.Request(
-                    method=request.method,
-                    target=request.target,
-                    headers=[
-                        (name, value) for name, value in request.headers if name != b"upgrade"
-                    ],
-                    http_version=request.http_version,
-                )
-            await super()._create_stream(request)
-
-    async def _send_error_response(self, status_code: int) -> None:
-        """Refuse what h11 could not parse, unless an app answers (then not a checkpoint)."""
-        if self.stream is not None:
-            return  # the app answers this request: see 2. in the class docstring
-        if status_code == 431:
-            message = f"the request head is over {self.config.h11_max_incomplete_size} bytes"
-            await self._refuse(None, 431, message, "headers_too_large")
-        else:
-            message = "the request is not valid HTTP/1.1, or its framing is not supported"
-            await self._refuse(None, 400, message, "malformed_request")
-
-    async def _refuse(self, kind: Kind | None, status: int, message: str, code: str) -> None:
-        """Send a whole error answer that ends the connection. A checkpoint."""
-        body = error_body(kind, status, message, code)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-            *self.config.response_headers("h11"),
-        ]
-        await self._send_h11_event(h11.Response(status_code=status, headers=headers))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
-
-
-def _h11_protocol(app: Any, config: HypercornConfig, *args: Any, **kwargs: Any) -> H11Protocol:
-    """The HTTP/1.1 protocol for one connection: the gateway's for its own config."""
-    protocol = _GatewayH11Protocol if isinstance(config, _Config) else H11Protocol
-    return protocol(app, config, *args, **kwargs)
-
-
-def _install_protocol() -> None:
-    """Make hypercorn use :func:`_h11_protocol` for each new HTTP/1.1 connection.
-
-    Hypercorn has no setting for its protocol class: ``ProtocolWrapper`` looks
-    the name ``H11Protocol`` up in its module for each new connection, and the
-    alternative, copies of ``worker_serve`` and ``TCPServer.run``, would drift
-    from hypercorn. So the name is replaced, once per process, by a factory
-    that is scoped by config rather than by time: a connection whose config
-    is not a :class:`_Config` gets stock hypercorn, so another hypercorn
-    server in the same process is unaffected, even while the gateway runs.
-    """
-    # Not in hypercorn.protocol's __all__, hence the ignores.
-    if hypercorn_protocol.H11Protocol is not _h11_protocol:  # type: ignore[attr-defined]
-        hypercorn_protocol.H11Protocol = _h11_protocol  # type: ignore[attr-defined,assignment]
+Trigger = Callable[[], Awaitable[None]]
 
 
 def hypercorn_config(gateway: Gateway, bind: str) -> HypercornConfig:
     """Hypercorn settings for ``gateway`` listening on ``bind`` (HOST:PORT).
 
-    Also installs the gateway's HTTP/1.1 protocol (see :func:`_install_protocol`).
+    Also installs the gateway's HTTP/1.1 protocol, which connections with
+    these settings run (see :func:`~trio_gateway._server.hypercorn_private.install_protocol`).
     """
-    _install_protocol()
-    config = _Config()
+    install_protocol()
+    config = Config()
     timeouts = gateway.config.timeouts
     stall = timeouts.client_stall
     config.stall_ms = None if math.isinf(stall) else max(1, round(stall * 1000))
@@ -246,37 +80,103 @@ def hypercorn_config(gateway: Gateway, bind: str) -> HypercornConfig:
     # whole request head has arrived: a trickled head does not restart it.
     config.keep_alive_timeout = timeouts.client_headers
     config.bind = [bind]
-    config.graceful_timeout = gateway.config.timeouts.shutdown + _SEND_MARGIN
+    config.graceful_timeout = timeouts.shutdown + _SEND_MARGIN
     config.accesslog = None
     config.errorlog = "-"
     return config
 
 
-async def _until_signalled() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
+def _end_process(signum: int) -> None:
+    """End the process as ``signum``'s default action does: at once, no cleanup."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
+class _ShutdownSignals:
+    """Counts the shutdown signals received; the third one ends the process.
+
+    :meth:`receive` runs for the whole of :func:`serve`. The first and second
+    signals are awaited through :meth:`wait_for`.
+    """
+
+    def __init__(self, end_process: Callable[[int], object] = _end_process) -> None:
+        self.received = 0
+        self._end_process = end_process
+        self._changed = trio.Event()
+
+    async def receive(self, signals: AsyncIterator[int]) -> None:
+        """Count each signal from ``signals``; on the third, end the process. A checkpoint."""
+        async for signum in signals:
+            self.received += 1
+            self._changed.set()
+            self._changed = trio.Event()
+            if self.received >= 3:
+                self._end_process(signum)
+
+    async def wait_for(self, count: int) -> None:
+        """Return once ``count`` signals have been received. A checkpoint."""
+        while self.received < count:
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
 
 
 async def serve(
     gateway: Gateway,
     bind: str,
     *,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    shutdown_trigger: Trigger | None = None,
+    end_grace_trigger: Trigger | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until ``shutdown_trigger`` returns, then drain and stop.
 
     A checkpoint. ``task_status.started`` receives the bound URLs (useful
-    with port 0). Returns once every connection has closed.
+    with port 0). Returns once every connection has closed and the usage
+    store has written what it holds.
+
+    ``end_grace_trigger``, awaited once ``shutdown_trigger`` has returned,
+    cuts the drain's grace short when it returns. With no
+    ``shutdown_trigger``, SIGINT and SIGTERM drive both steps, and a third
+    signal ends the process at once (see the module docstring); with one,
+    signals are left alone.
+
+    Must run in the main thread when it receives signals (trio's rule).
     """
-    trigger = shutdown_trigger or _until_signalled
+    if shutdown_trigger is not None:
+        await _serve(gateway, bind, shutdown_trigger, end_grace_trigger, task_status)
+        return
+    signals = _ShutdownSignals()
+    with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as receiver:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(signals.receive, receiver)
+            await _serve(
+                gateway,
+                bind,
+                partial(signals.wait_for, 1),
+                partial(signals.wait_for, 2),
+                task_status,
+                signalled=True,
+            )
+            nursery.cancel_scope.cancel(reason="server stopped")
+
+
+async def _serve(
+    gateway: Gateway,
+    bind: str,
+    shutdown_trigger: Trigger,
+    end_grace_trigger: Trigger | None,
+    task_status: trio.TaskStatus[list[str]],
+    *,
+    signalled: bool = False,
+) -> None:
     try:
         async with trio.open_nursery() as services:
             if gateway.store is not None:
                 # Started first and closed last: it outlives every request.
                 await services.start(gateway.store.run)
-            await _serve_until(gateway, bind, trigger, task_status)
+            await _serve_until(
+                gateway, bind, shutdown_trigger, end_grace_trigger, task_status, signalled
+            )
             if gateway.store is not None:
                 await gateway.store.aclose()  # drains every pending record (bounded)
     finally:
@@ -286,18 +186,33 @@ async def serve(
 async def _serve_until(
     gateway: Gateway,
     bind: str,
-    trigger: Callable[[], Awaitable[None]],
+    shutdown_trigger: Trigger,
+    end_grace_trigger: Trigger | None,
     task_status: trio.TaskStatus[list[str]],
+    signalled: bool,
 ) -> None:
+    config = hypercorn_config(gateway, bind)
+    grace = gateway.config.timeouts.shutdown
+    then = " (signal again to stop them now)" if signalled else ""
+    finally_ = " (signal again to exit at once)" if signalled else ""
+
     async with trio.open_nursery() as nursery:
 
-        async def shutdown_then_drain() -> None:
+        async def end_grace_when(trigger: Trigger) -> None:
             await trigger()
-            nursery.start_soon(gateway.drain, gateway.config.timeouts.shutdown)
+            gateway.end_grace()
+            await config.log.info(f"Grace cut short: every open request is stopped{finally_}")
+
+        async def shutdown_then_drain() -> None:
+            await shutdown_trigger()
+            nursery.start_soon(gateway.drain, grace)
+            if end_grace_trigger is not None:
+                nursery.start_soon(end_grace_when, end_grace_trigger)
+            await config.log.info(f"Shutting down: open requests have {grace:g} s to finish{then}")
 
         await hypercorn_serve(
             gateway,  # type: ignore[arg-type]  # hypercorn's ASGI types are narrower
-            hypercorn_config(gateway, bind),
+            config,
             shutdown_trigger=shutdown_then_drain,
             task_status=task_status,
         )
