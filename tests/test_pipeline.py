@@ -745,3 +745,27 @@ async def test_idle_counts_from_the_last_chunk_exactly(autojump_clock: trio.test
     times = [t - start for part, t in zip(call.parts, call.part_times, strict=True)]
     keepalives = [t for part, t in zip(call.parts, times, strict=True) if part == KEEPALIVE_COMMENT]
     assert keepalives == [22.0, 37.0, 49.0]
+
+
+async def test_a_chunk_whose_only_change_is_the_model_keeps_every_other_byte(
+    autojump_clock: trio.testing.MockClock,
+):
+    compact = (
+        b'id: 4\r\ndata: {"id":"a","model":"' + UPSTREAM_MODEL.encode() + b'","choices":[]}\r\n\r\n'
+    )
+    spaced = b'data: {"id": "b", "model": "' + UPSTREAM_MODEL.encode() + b'", "choices": []}\n\n'
+    finish = sse(
+        {"id": "c", "model": UPSTREAM_MODEL, "choices": [{"delta": {}, "finish_reason": "stop"}]}
+    )
+    gateway, _ = make_gateway(FakeResponse(body=[compact, spaced, *finish]))
+    call = await request_for("chat").run(gateway)
+    # The compact chunk: only the model's bytes swapped; its CRLF and id line stay.
+    expected = compact.replace(UPSTREAM_MODEL.encode(), PUBLIC_MODEL.encode())
+    assert call.text.startswith(expected)
+    # The spaced one takes the slow path: re-serialised compactly, same meaning.
+    assert orjson.loads(call.events[1].data or "") == {
+        "id": "b",
+        "model": PUBLIC_MODEL,
+        "choices": [],
+    }
+    assert UPSTREAM_MODEL.encode() not in call.text

@@ -263,7 +263,7 @@ def _terminated(raw: bytes) -> bytes:
     return raw + b"\n\n"
 
 
-def _valid_utf8(raw: bytes) -> bytes:
+def valid_utf8(raw: bytes) -> bytes:
     """``raw`` itself if it is valid UTF-8, else with U+FFFD for each invalid sequence."""
     if raw.isascii():  # the common case, checked at C speed
         return raw
@@ -367,10 +367,12 @@ class StreamRewriter:
         for item in items:
             if item.comment is not None:
                 out = GATEWAY_COMMENT
-            elif item.data == "[DONE]":
-                self._done = _valid_utf8(_terminated(item.raw) if final else item.raw)
-                continue
             else:
+                if final:  # the block the body ended in lacked its blank line: add one
+                    item = item._replace(raw=_terminated(item.raw))
+                if item.data == "[DONE]":
+                    self._done = valid_utf8(item.raw)
+                    continue
                 try:
                     rewritten = rewrite(item)
                 except InvalidEvent as exc:
@@ -381,12 +383,7 @@ class StreamRewriter:
                         else Failure(FailureType.UPSTREAM_INVALID, str(exc))
                     )
                     break
-                if rewritten is not None:
-                    out = rewritten
-                elif final:
-                    out = _valid_utf8(_terminated(item.raw))
-                else:
-                    out = _valid_utf8(item.raw)
+                out = valid_utf8(item.raw) if rewritten is None else rewritten
                 if self._held is None and item.event in self._terminal:
                     self._held = []
             if self._held is None:

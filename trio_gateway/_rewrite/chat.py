@@ -12,7 +12,14 @@ import orjson
 
 from trio_gateway._core.extract import from_chat
 from trio_gateway._core.kinds import Failure
-from trio_gateway._rewrite.base import Policy, reencode, require_object, set_model, strip_cost
+from trio_gateway._rewrite.base import (
+    Policy,
+    reencode,
+    require_object,
+    set_model,
+    strip_cost,
+    valid_utf8,
+)
 from trio_gateway.sse import SSEEvent
 
 _CONTENT_FIELDS = ("content", "refusal", "reasoning", "tool_calls")
@@ -30,6 +37,10 @@ class ChatPolicy(Policy):
     def __init__(self, public_model: str, *, free: bool, upstream_model: str = "") -> None:
         super().__init__(public_model, free=free, upstream_model=upstream_model)
         self.last_id: str | None = None
+        # The model field as the upstream writes it, and as it goes out: the
+        # usual chunk differs from what it should be in this field alone.
+        self._upstream_field = b'"model":' + orjson.dumps(upstream_model)
+        self._public_field = b'"model":' + orjson.dumps(public_model)
 
     def rewrite_event(self, event: SSEEvent) -> bytes | None:
         chunk = require_object(event)
@@ -38,10 +49,22 @@ class ChatPolicy(Policy):
         if isinstance(chunk.get("id"), str):
             self.last_id = chunk["id"]
         self._note_progress(chunk)
-        changed = self.rewrite_body(chunk)
+        model = chunk.get("model")
+        changed = self._rewrite_all_but_the_model(chunk)
         if "error" not in chunk:
             changed |= _fix_for_strict_clients(chunk)
-        return reencode(event, chunk) if changed else None
+        if not changed:
+            if model is None or model == self.public_model:
+                return None
+            if model == self.upstream_model:
+                # Only the model changes: swap its bytes rather than re-serialise.
+                # In compact JSON the field appears exactly once; anything else
+                # (spaces, an escaped slash, a second copy) takes the slow path.
+                raw = event.raw
+                if raw.count(self._upstream_field) == 1:
+                    return valid_utf8(raw.replace(self._upstream_field, self._public_field))
+        set_model(chunk, "model", self.public_model)
+        return reencode(event, chunk)
 
     def rewrite_body(self, body: dict[str, Any]) -> bool:
         """The rules a chunk and a whole ``chat.completion`` share; whether ``body`` changed.
@@ -49,9 +72,13 @@ class ChatPolicy(Policy):
         Model, cost and ``cached_tokens``. The strict-client fixes of
         ``choices`` and ``delta.role`` are for chunks only, the shape they fix.
         """
-        from_chat(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
-        changed |= self.hide_upstream_model(body.get("error"))
+        return self._rewrite_all_but_the_model(body) or changed
+
+    def _rewrite_all_but_the_model(self, body: dict[str, Any]) -> bool:
+        """Usage read first; then cost, ``cached_tokens`` and the model hidden in errors."""
+        from_chat(body, self.extracted)
+        changed = self.hide_upstream_model(body.get("error"))
         usage = body.get("usage")
         if isinstance(usage, dict):
             if self.free:
