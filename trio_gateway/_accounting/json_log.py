@@ -26,22 +26,27 @@ Theory of operation
      appending when the logger is made (so a bad path fails at start-up),
      and reopened if it is moved or deleted (log rotation).
 
-   For these two, the line is handed to a bounded in-memory queue and
+   For these two, the line is appended to a bounded in-memory list and
    written by a worker thread, so a slow disk or a full stderr pipe never
-   blocks the Trio thread, and with it every open stream. When the queue is
-   full the line is dropped and counted (:attr:`RequestLogger.dropped`):
-   the usage database, not this log, is the record of account.
-   ``level = "off"`` turns the request log off.
+   blocks the Trio thread, and with it every open stream. The hand-off is
+   batched: the Trio thread only appends (no lock, no wake-up per line),
+   and the worker looks every ``_BATCH_SECONDS`` and writes what has
+   gathered with one write and one flush, after reopening a file that
+   was moved or deleted. When the list is full the line is dropped and
+   counted (:attr:`RequestLogger.dropped`): the usage database, not this
+   log, is the record of account. ``level = "off"`` turns the request log
+   off.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.handlers
-import queue
 import sys
+import threading
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import orjson
 import trio
@@ -81,31 +86,53 @@ def format_record(record: RequestRecord) -> str:
     return orjson.dumps({f.key: f.log(record) for f in _LOGGED}).decode()
 
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the worker; counts, rather than reports, those a full queue refuses."""
+_BATCH_SECONDS: Final = 0.02  # how often the worker looks for lines to write
 
-    def __init__(self, pending: queue.Queue[logging.LogRecord | None]) -> None:
-        super().__init__(pending)
+
+class _LineWriter(threading.Thread):
+    """The worker: writes the pending lines in batches until it is stopped.
+
+    :meth:`put` runs on the Trio thread and only appends; the worker takes
+    every line that has gathered, each ``_BATCH_SECONDS``, and writes them
+    with one write and one flush. A daemon thread, so a stuck destination
+    never holds the process.
+    """
+
+    def __init__(self, output: logging.StreamHandler[Any], max_pending: int) -> None:
+        super().__init__(name="trio-gateway request log", daemon=True)
+        self._output = output
+        self._max_pending = max_pending
+        self._pending: collections.deque[str] = collections.deque()
+        self._stopping = threading.Event()
         self.dropped = 0
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+    def put(self, line: str) -> None:
+        """Queue ``line``; drop and count it if the list is full. Never blocks."""
+        if len(self._pending) >= self._max_pending:
             self.dropped += 1
+        else:
+            self._pending.append(line)
 
+    def run(self) -> None:
+        while not self._stopping.wait(_BATCH_SECONDS):
+            self._write_pending()
+        self._write_pending()
 
-class _Worker(logging.handlers.QueueListener):
-    """Writes queued lines; its stop waits for room rather than failing on a full queue."""
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        lines = [pending.popleft() for _ in range(len(pending))]
+        output = self._output
+        if isinstance(output, logging.handlers.WatchedFileHandler):
+            output.reopenIfNeeded()  # the file was rotated away: write to a new one
+        output.stream.write("\n".join(lines) + "\n")
+        output.stream.flush()
 
-    def __init__(
-        self, pending: queue.Queue[logging.LogRecord | None], output: logging.Handler
-    ) -> None:
-        super().__init__(pending, output)
-        self._pending = pending
-
-    def enqueue_sentinel(self) -> None:
-        self._pending.put(None)  # None is QueueListener's sentinel
+    def stop(self) -> None:
+        """Write every pending line and end the thread. Blocks until it has ended."""
+        self._stopping.set()
+        self.join()
 
 
 class RequestLogger:
@@ -132,39 +159,37 @@ class RequestLogger:
             raise ValueError(f"max_pending must be at least 1, got {max_pending!r}")
         self.destination = destination
         self._level = LEVELS[level]
-        self._queue_handler: _DroppingQueueHandler | None = None
-        self._worker: _Worker | None = None
-        self._output: logging.Handler | None = None
+        self._logger = logging.getLogger(LOGGER_NAME)
+        self._worker: _LineWriter | None = None
+        self._output: logging.StreamHandler[Any] | None = None
+        self._dropped_at_close = 0
         if self._level is None or destination == TO_LOGGING:
-            self._logger = logging.getLogger(LOGGER_NAME)
             return
-        output: logging.Handler
+        output: logging.StreamHandler[Any]
         if destination == TO_STDERR:
             output = logging.StreamHandler(sys.stderr)
         else:
             output = logging.handlers.WatchedFileHandler(destination, encoding="utf-8")
-        output.setFormatter(logging.Formatter("%(message)s"))
-        pending: queue.Queue[logging.LogRecord | None] = queue.Queue(max_pending)
         self._output = output
-        self._queue_handler = _DroppingQueueHandler(pending)
-        # A logger of this instance's own, outside the logging tree: two
+        # Lines go to this instance's own worker, outside the logging tree: two
         # gateways in one process never write each other's lines.
-        self._logger = logging.Logger(LOGGER_NAME, self._level)
-        self._logger.addHandler(self._queue_handler)
-        self._worker = _Worker(pending, output)
+        self._worker = _LineWriter(output, max_pending)
         self._worker.start()
 
     @property
     def dropped(self) -> int:
-        """Lines dropped because the worker's queue was full."""
-        return 0 if self._queue_handler is None else self._queue_handler.dropped
+        """Lines dropped because the worker's list was full."""
+        return self._dropped_at_close if self._worker is None else self._worker.dropped
 
     def log(self, record: RequestRecord) -> None:
         """Log ``record``'s line. Not a checkpoint; never blocks on the destination."""
         level = self._level
-        if level is None or not self._logger.isEnabledFor(level):
+        if level is None:
             return
-        self._logger.log(level, "%s", format_record(record))
+        if self._worker is not None:
+            self._worker.put(format_record(record))
+        elif self._logger.isEnabledFor(level):
+            self._logger.log(level, "%s", format_record(record))
 
     def close(self) -> None:
         """Write every pending line, stop the worker and close the file. Safe to call twice.
@@ -173,12 +198,13 @@ class RequestLogger:
         destination takes; :meth:`aclose` does it from a Trio task, with a
         bound the caller chooses.
         """
+        self._level = None  # lines after close are not logged
         worker, self._worker = self._worker, None
         if worker is not None:
+            self._dropped_at_close = worker.dropped
             worker.stop()
         if self._output is not None:
             self._output.close()
-        self._level = None  # lines after close are not logged
 
     async def aclose(self) -> None:
         """:meth:`close` in a worker thread. A checkpoint.
