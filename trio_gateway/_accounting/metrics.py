@@ -186,6 +186,27 @@ class _LimiterCollector:
         return [CounterMetricFamily(self._NAME, self._DOC, value=value)]
 
 
+class _PerModel:
+    """The children of one (kind, model) label set, looked up once rather than per record."""
+
+    __slots__ = (
+        "cancellations",
+        "duration",
+        "input_tokens",
+        "output_tokens",
+        "time_to_first_token",
+        "time_to_headers",
+    )
+
+    def __init__(self, metrics: GatewayMetrics, kind: str, model: str) -> None:
+        self.time_to_headers = metrics._time_to_headers.labels(kind, model)
+        self.time_to_first_token = metrics._time_to_first_token.labels(kind, model)
+        self.duration = metrics._duration.labels(kind, model)
+        self.input_tokens = metrics._input_tokens.labels(kind, model)
+        self.output_tokens = metrics._output_tokens.labels(kind, model)
+        self.cancellations = metrics._cancellations.labels(kind, model)
+
+
 class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of their own.
 
@@ -271,6 +292,9 @@ class GatewayMetrics:
             registry=r,
             buckets=ADDED_LATENCY_BUCKETS,
         )
+        # Label children by label values: bounded, as the labels are (see the module docstring).
+        self._children: dict[tuple[str, str], _PerModel] = {}
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._store = _StoreCollector()
         r.register(self._store)
         self._limiter = _LimiterCollector()
@@ -361,20 +385,28 @@ class GatewayMetrics:
         if self._models is not None and model not in self._models:
             model = OTHER
         status = _status_label(record.status)
-        self._requests.labels(kind, model, status).inc()
+        requests = self._request_children.get((kind, model, status))
+        if requests is None:  # label lookups cost more than the update: once per label set
+            requests = self._request_children[kind, model, status] = self._requests.labels(
+                kind, model, status
+            )
+        requests.inc()
+        children = self._children.get((kind, model))
+        if children is None:
+            children = self._children[kind, model] = _PerModel(self, kind, model)
         if (seconds := record.time_to_headers) is not None:
-            self._time_to_headers.labels(kind, model).observe(seconds)
+            children.time_to_headers.observe(seconds)
         if (seconds := record.time_to_first_token) is not None:
-            self._time_to_first_token.labels(kind, model).observe(seconds)
+            children.time_to_first_token.observe(seconds)
         if (seconds := record.duration) is not None:
-            self._duration.labels(kind, model).observe(seconds)
+            children.duration.observe(seconds)
         usage = record.usage
         if usage.input_tokens is not None and usage.input_tokens > 0:
-            self._input_tokens.labels(kind, model).inc(usage.input_tokens)
+            children.input_tokens.inc(usage.input_tokens)
         if usage.output_tokens is not None and usage.output_tokens > 0:
-            self._output_tokens.labels(kind, model).inc(usage.output_tokens)
+            children.output_tokens.inc(usage.output_tokens)
         if record.cancelled:
-            self._cancellations.labels(kind, model).inc()
+            children.cancellations.inc()
         if record.error_type is not None:
             failure = _FAILURE_LABELS.get(record.error_type, OTHER)
             self._failures.labels(kind, model, failure).inc()
