@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -186,27 +186,6 @@ class _LimiterCollector:
         return [CounterMetricFamily(self._NAME, self._DOC, value=value)]
 
 
-class _PerModel:
-    """The children of one (kind, model) label set, looked up once rather than per record."""
-
-    __slots__ = (
-        "cancellations",
-        "duration",
-        "input_tokens",
-        "output_tokens",
-        "time_to_first_token",
-        "time_to_headers",
-    )
-
-    def __init__(self, metrics: GatewayMetrics, kind: str, model: str) -> None:
-        self.time_to_headers = metrics._time_to_headers.labels(kind, model)
-        self.time_to_first_token = metrics._time_to_first_token.labels(kind, model)
-        self.duration = metrics._duration.labels(kind, model)
-        self.input_tokens = metrics._input_tokens.labels(kind, model)
-        self.output_tokens = metrics._output_tokens.labels(kind, model)
-        self.cancellations = metrics._cancellations.labels(kind, model)
-
-
 class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of their own.
 
@@ -292,9 +271,8 @@ class GatewayMetrics:
             registry=r,
             buckets=ADDED_LATENCY_BUCKETS,
         )
-        # Label children by label values: bounded, as the labels are (see the module docstring).
-        self._children: dict[tuple[str, str], _PerModel] = {}
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        # Each metric's children by label values: bounded, as the labels are.
+        self._children: dict[tuple[object, ...], Any] = {}
         self._store = _StoreCollector()
         r.register(self._store)
         self._limiter = _LimiterCollector()
@@ -385,31 +363,33 @@ class GatewayMetrics:
         if self._models is not None and model not in self._models:
             model = OTHER
         status = _status_label(record.status)
-        requests = self._request_children.get((kind, model, status))
-        if requests is None:  # label lookups cost more than the update: once per label set
-            requests = self._request_children[kind, model, status] = self._requests.labels(
-                kind, model, status
-            )
-        requests.inc()
-        children = self._children.get((kind, model))
-        if children is None:
-            children = self._children[kind, model] = _PerModel(self, kind, model)
+        child = self._child
+        child(self._requests, kind, model, status).inc()
         if (seconds := record.time_to_headers) is not None:
-            children.time_to_headers.observe(seconds)
+            child(self._time_to_headers, kind, model).observe(seconds)
         if (seconds := record.time_to_first_token) is not None:
-            children.time_to_first_token.observe(seconds)
+            child(self._time_to_first_token, kind, model).observe(seconds)
         if (seconds := record.duration) is not None:
-            children.duration.observe(seconds)
+            child(self._duration, kind, model).observe(seconds)
         usage = record.usage
         if usage.input_tokens is not None and usage.input_tokens > 0:
-            children.input_tokens.inc(usage.input_tokens)
+            child(self._input_tokens, kind, model).inc(usage.input_tokens)
         if usage.output_tokens is not None and usage.output_tokens > 0:
-            children.output_tokens.inc(usage.output_tokens)
+            child(self._output_tokens, kind, model).inc(usage.output_tokens)
         if record.cancelled:
-            children.cancellations.inc()
+            child(self._cancellations, kind, model).inc()
         if record.error_type is not None:
             failure = _FAILURE_LABELS.get(record.error_type, OTHER)
-            self._failures.labels(kind, model, failure).inc()
+            child(self._failures, kind, model, failure).inc()
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set (a lookup costs more
+        than the update); a series still appears only once it is first updated."""
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     # -- exposition --------------------------------------------------------------------
 
