@@ -251,10 +251,20 @@ class SSEDecoder:
         if _CR not in buffer:
             # The common case: LF-only line ends, found without a regex.
             find = buffer.find
-            while (end := find(b"\n", pos)) >= 0:
+            while True:
+                if not self._has_fields and (blank := find(b"\n\n", pos)) >= 0:
+                    # A whole block starts here: the usual one (a data line, maybe
+                    # after an event line) is decoded at once, not line by line.
+                    item = self._simple_block(buffer, pos, blank)
+                    if item is not None:
+                        items.append(item)
+                        pos = blank + 2
+                        continue
+                end = find(b"\n", pos)
+                if end < 0:
+                    return pos
                 self._line(buffer[pos:end], buffer[pos : end + 1], items)
                 pos = end + 1
-            return pos
         last = 0
         for match in _LINE_END.finditer(buffer):
             start, end = match.span()
@@ -265,6 +275,25 @@ class SSEDecoder:
             # Unless that last line was a comment or a blank line (both done with).
             self._lf_joins_block = self._has_fields and buffer[last] != _COLON
         return pos
+
+    def _simple_block(self, buffer: bytes, start: int, blank: int) -> SSEEvent | None:
+        """The item of ``buffer[start:blank]`` if it is one ``data: `` line, maybe after one
+        ``event: `` line, within the size limit; else None, and the caller reads it line by
+        line. The same item the line-by-line rules give: only a shortcut for the usual case.
+        """
+        block = buffer[start:blank]
+        if len(block) >= self._max_event_bytes:  # field lines with their LFs: len + 1
+            return None
+        event = None
+        newline = block.find(b"\n")
+        if newline >= 0:
+            head, block = block[:newline], block[newline + 1 :]
+            if not head.startswith(b"event: ") or b"\n" in block:
+                return None
+            event = _decode(head[7:])
+        if not block.startswith(b"data: "):
+            return None
+        return SSEEvent(event=event, data=_decode(block[6:]), raw=buffer[start : blank + 2])
 
     def _line(self, line: bytes, raw: bytes, items: list[SSEEvent]) -> None:
         if not line:
