@@ -496,3 +496,17 @@ async def test_generated_text_that_names_the_model_is_left_alone(
         orjson.loads(e.data or "")["choices"][0]["delta"].get("content") for e in call.events[:2]
     ]
     assert contents == [UPSTREAM_MODEL, None]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_line_cut_in_its_field_name_is_not_forwarded(
+    kind: StreamKind, autojump_clock: trio.testing.MockClock
+) -> None:
+    body = b"".join(render_stream(kind, Script(tokens=3), UPSTREAM_MODEL))
+    gateway, replay, _ = gateway_with_records()
+    for fragment in (b"d", b"da", b"eve", b"even"):
+        prefix = body[: body.index(b"\n\n") + 2] + fragment  # after the first whole item
+        replay.answer = FakeResponse(body=[prefix])
+        call = await request_for(kind).run(gateway)
+        assert b"\n" + fragment + b"\n" not in call.text, fragment
+        assert_ended_with(kind, call, FailureType.UPSTREAM_TRUNCATED)

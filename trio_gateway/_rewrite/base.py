@@ -368,7 +368,9 @@ class StreamRewriter:
             if item.comment is not None:
                 out = GATEWAY_COMMENT
             else:
-                if final:  # the block the body ended in lacked its blank line: add one
+                if final:  # the block the body ended in lacked its blank line
+                    if (item.data, item.event, item.id, item.retry) == (None, None, None, None):
+                        continue  # a field name cut short (``eve``): a piece of a line
                     item = item._replace(raw=_terminated(item.raw))
                 if item.data == "[DONE]":
                     self._done = valid_utf8(item.raw)
