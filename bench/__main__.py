@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import random
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import trio
 from bench._contenders import Contender, all_contenders
 from bench._report import evaluate, machine, markdown, summarize
 from bench._runner import eligible, run_scenario
-from bench._scenarios import SCENARIOS, scenarios
+from bench._scenarios import DEFAULT_SCENARIOS, SCENARIOS, scenarios
 
 _DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}",
+        help=f"scenarios to run: {', '.join(SCENARIOS)} (default: all but chaos,"
+        " chaos-sigterm and soak)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (default 3)")
     parser.add_argument("--quick", action="store_true", help="shrink every scenario (smoke test)")
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated subset of direct,bare,gateway,litellm,nginx (default: all found)",
     )
     parser.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="result file (JSON)")
+    parser.add_argument(
+        "--seed", type=int, help="seed of the chaos and soak requests (default: a random one)"
+    )
+    parser.add_argument(
+        "--requests", type=int, help="requests each of chaos, chaos-sigterm and soak sends"
+    )
     return parser
 
 
@@ -76,16 +84,18 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, object
     say = _sayer(started)
     at = datetime.datetime.now(datetime.UTC)
     contenders, notes = _choose(args, say)
-    chosen = scenarios(args.quick)
-    names = args.scenarios or list(chosen)
+    chosen = scenarios(args.quick, args.seed, args.requests)
+    names = args.scenarios or list(DEFAULT_SCENARIOS)
     workdir = Path(tempfile.mkdtemp(prefix="trio-gateway-bench-"))
     results: dict[str, dict[str, object]] = {}
     failed = False
     for name in names:
         scenario = chosen[name]
         taking = eligible(scenario, contenders)
-        say(f"{name}: {', '.join(c.name for c in taking)}, {args.runs} run(s)")
-        outcome = await run_scenario(scenario, taking, args.runs, workdir, say)
+        runs = min(args.runs, scenario.max_runs or args.runs)
+        seeded = f", seed {args.seed}" if hasattr(scenario, "seed") else ""
+        say(f"{name}: {', '.join(c.name for c in taking)}, {runs} run(s){seeded}")
+        outcome = await run_scenario(scenario, taking, runs, workdir, say)
         runs = outcome["runs"]
         assert isinstance(runs, list)
         failed = failed or bool(outcome["failures"])
@@ -99,7 +109,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, object
         "started_utc": at.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - started, 1),
         "machine": machine(),
-        "settings": {"runs": args.runs, "quick": args.quick, "scenarios": names},
+        "settings": {"runs": args.runs, "quick": args.quick, "scenarios": names}
+        | ({"seed": args.seed} if set(names) - set(DEFAULT_SCENARIOS) else {}),
         "contenders": {c.name: "ran" for c in contenders} | notes,
         "scenarios": results,
         "targets": evaluate({n: r["runs"] for n, r in results.items()}),  # type: ignore[misc]
@@ -116,11 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.requests is not None and args.requests < 1:
+        parser.error("--requests must be at least 1")
+    if args.seed is None:
+        args.seed = random.randrange(2**32)
     result = trio.run(run, args, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    headlines = {name: s.headline for name, s in scenarios(args.quick).items()}
-    print(markdown(result, headlines))
+    chosen = scenarios(args.quick, args.seed, args.requests)
+    headlines = {name: s.headline for name, s in chosen.items()}
+    extras: dict[str, list[str]] = {}
+    for name, data in result["scenarios"].items():  # type: ignore[attr-defined]
+        for run_details in data.get("details", []):
+            for figures in run_details.values():
+                extras.setdefault(name, []).extend(chosen[name].describe(figures))
+    print(markdown(result, headlines, extras))
     print(f"result written to {args.out}", file=sys.stderr)
     return 0
 

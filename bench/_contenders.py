@@ -11,6 +11,14 @@
 A missing optional peer is skipped with a note, never replaced by anything.
 Each contender serves on a free loopback port, in its own process, with its
 output in the run's work folder.
+
+Two variables change how the gateway runs (for the chaos and soak scenarios):
+``$TRIO_GATEWAY_BENCH_GATEWAY_SOURCE`` is a folder holding another copy of
+the ``trio_gateway`` package (``git archive HEAD | tar -x -C DIR``, say),
+which the gateway then runs from, while the mock and the suite stay this
+clone's; ``$TRIO_GATEWAY_BENCH_TRACEMALLOC`` is a folder: the gateway then
+runs under :mod:`bench._traced_gateway`, which traces its allocations and
+writes a snapshot there on each SIGUSR1.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,8 @@ _LITELLM_KEY = "sk-" + hash_key(CLIENT_KEY)
 PUBLIC_MODEL = "bench/free-model"
 UPSTREAM_MODEL = "mock-vendor/model:free"
 _UPSTREAM_KEY_ENV = "TRIO_GATEWAY_BENCH_UPSTREAM_KEY"
+SOURCE_ENV = "TRIO_GATEWAY_BENCH_GATEWAY_SOURCE"
+TRACEMALLOC_ENV = "TRIO_GATEWAY_BENCH_TRACEMALLOC"
 _ALL_KINDS = frozenset({"chat", "messages", "responses"})
 
 
@@ -54,6 +64,8 @@ class Endpoint:
     model: str
     server: Server | None
     key: str = CLIENT_KEY
+    database: Path | None = None
+    """The gateway's usage database."""
 
 
 class Contender(Protocol):
@@ -66,8 +78,13 @@ class Contender(Protocol):
     def missing(self) -> str | None:
         """Why it cannot run here, or None when it can."""
 
-    def start(self, mock_port: int, workdir: Path) -> AbstractAsyncContextManager[Endpoint]:
-        """Start it in front of the mock; stop it on exit. Entering is a checkpoint."""
+    def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AbstractAsyncContextManager[Endpoint]:
+        """Start it in front of the mock; stop it on exit. Entering is a checkpoint.
+
+        ``timeouts`` are the gateway's ``[timeouts]`` settings; the others ignore them.
+        """
 
 
 class _Ours:
@@ -98,7 +115,9 @@ class Direct(_Ours):
     name = "direct"
 
     @asynccontextmanager
-    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AsyncIterator[Endpoint]:
         yield Endpoint(mock_port, UPSTREAM_MODEL, None)
 
 
@@ -106,7 +125,9 @@ class Bare(_Ours):
     name = "bare"
 
     @asynccontextmanager
-    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AsyncIterator[Endpoint]:
         port = free_port()
         argv = [sys.executable, "-m", "bench._bare", "--port", str(port)]
         argv += ["--upstream", f"http://127.0.0.1:{mock_port}"]
@@ -118,28 +139,44 @@ class Gateway(_Ours):
     name = "gateway"
 
     @asynccontextmanager
-    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AsyncIterator[Endpoint]:
         port = free_port()
         config = workdir / f"gateway-{port}.toml"
-        config.write_text(gateway_config(mock_port, port, workdir))
+        config.write_text(gateway_config(mock_port, port, workdir, timeouts))
         argv = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
+        if traces := os.environ.get(TRACEMALLOC_ENV):
+            argv[1:3] = ["-m", "bench._traced_gateway", "--snapshots", traces]
         env = bench_env() | {_UPSTREAM_KEY_ENV: "bench-upstream-key"}
+        if source := os.environ.get(SOURCE_ENV):
+            env["PYTHONPATH"] = os.pathsep.join([source, env["PYTHONPATH"]])
         async with running(self.name, argv, port, workdir, env=env) as server:
-            yield Endpoint(port, PUBLIC_MODEL, server)
+            yield Endpoint(port, PUBLIC_MODEL, server, database=usage_database(workdir, port))
 
 
-def gateway_config(mock_port: int, port: int, workdir: Path) -> str:
+def usage_database(workdir: Path, port: int) -> Path:
+    """The usage database of the gateway serving on ``port``."""
+    return workdir / f"usage-{port}.db"
+
+
+def gateway_config(
+    mock_port: int, port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+) -> str:
     """The gateway's TOML: defaults everywhere except a short shutdown and files in ``workdir``.
 
     Accounting and the request log stay on, as in production, each in a
-    file of its own for this server.
+    file of its own for this server. ``timeouts`` replace or add
+    ``[timeouts]`` settings.
     """
+    settings = {"shutdown": 2.0, **(timeouts or {})}
+    timeout_lines = "\n".join(f"{name} = {value:g}" for name, value in settings.items())
     return f"""\
 [server]
 bind = "127.0.0.1:{port}"
 
 [timeouts]
-shutdown = 2
+{timeout_lines}
 
 [upstreams.mock]
 base_url = "http://127.0.0.1:{mock_port}/v1"
@@ -155,7 +192,7 @@ name = "bench"
 sha256 = "{hash_key(CLIENT_KEY)}"
 
 [accounting]
-database = "{workdir / f"usage-{port}.db"}"
+database = "{usage_database(workdir, port)}"
 
 [log]
 destination = "{workdir / f"requests-{port}.log"}"
@@ -169,7 +206,9 @@ class LiteLLM(_Peer):
     kinds = frozenset({"chat"})  # it would translate the others to chat: not the same work
 
     @asynccontextmanager
-    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AsyncIterator[Endpoint]:
         assert self.executable is not None
         port = free_port()
         config = workdir / f"litellm-{port}.yaml"
@@ -199,7 +238,9 @@ class Nginx(_Peer):
     kinds = _ALL_KINDS
 
     @asynccontextmanager
-    async def start(self, mock_port: int, workdir: Path) -> AsyncIterator[Endpoint]:
+    async def start(
+        self, mock_port: int, workdir: Path, timeouts: Mapping[str, float] | None = None
+    ) -> AsyncIterator[Endpoint]:
         assert self.executable is not None
         port = free_port()
         prefix = workdir / f"nginx-{port}"

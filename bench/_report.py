@@ -132,6 +132,26 @@ TARGETS = (
          difference=False, at_most=True, limit=5.0, unit="MiB"),
     Goal("cancel: upstream closed after the client left, p99", "cancel", "close_p99_ms", None,
          difference=False, at_most=True, limit=50.0, unit="ms"),
+    # Issue 12: stream integrity under faults, and memory over time.
+    Goal("chaos: cut or corrupted answers passed as complete", "chaos", "passed_as_complete",
+         None, difference=False, at_most=True, limit=0, unit="answers"),
+    Goal("chaos: cut answers (clients that stayed)", "chaos", "cut", None,
+         difference=False, at_most=True, limit=0, unit="answers"),
+    Goal("chaos: the gateway's own 500s", "chaos", "gateway_500s", None,
+         difference=False, at_most=True, limit=0, unit="answers"),
+    Goal("chaos: upstream connections mid-response at the end", "chaos", "upstream_busy_end",
+         None, difference=False, at_most=True, limit=0, unit="connections"),
+    Goal("chaos: answers showing the upstream model name", "chaos", "model_leaks", None,
+         difference=False, at_most=True, limit=0, unit="answers"),
+    Goal("chaos: requests without exactly one usage record", "chaos", "records_missing", None,
+         difference=False, at_most=True, limit=0, unit="requests"),
+    Goal("chaos-sigterm: in-flight answers cut by two SIGTERMs", "chaos-sigterm",
+         "inflight_cut", None, difference=False, at_most=True, limit=0, unit="answers"),
+    Goal("chaos-sigterm: usage records lost", "chaos-sigterm", "records_missing", None,
+         difference=False, at_most=True, limit=0, unit="requests"),
+    Goal("soak: RSS growth per 1,000 requests in the last third", "soak",
+         "late_growth_mib_per_1000", None, difference=False, at_most=True, limit=0.1,
+         unit="MiB"),
 )  # fmt: skip
 
 
@@ -191,8 +211,15 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def markdown(result: Mapping[str, Any], headlines: Mapping[str, Sequence[str]]) -> str:
-    """Markdown tables: each scenario's headline medians, ratios to bare, time added to direct."""
+def markdown(
+    result: Mapping[str, Any],
+    headlines: Mapping[str, Sequence[str]],
+    extras: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """Markdown tables: each scenario's headline medians, ratios to bare, time added to direct.
+
+    ``extras`` holds more lines per scenario, printed after its table.
+    """
     out: list[str] = []
     for name, data in result["scenarios"].items():
         metrics = headlines[name]
@@ -209,6 +236,7 @@ def markdown(result: Mapping[str, Any], headlines: Mapping[str, Sequence[str]]) 
             if any(cell not in ("", "-") for cell in cells):
                 out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
+        out.extend((extras or {}).get(name, []))
     out += ["### Targets", "", "| target | limit | measured | status |", "|---|---|---|---|"]
     out += [
         f"| {t['target']} | {t['limit']} | {_cell(t['value'])} | {t['status']} |"

@@ -42,7 +42,9 @@ def eligible(scenario: Scenario, contenders: Sequence[Contender]) -> list[Conten
     return [
         c
         for c in contenders
-        if set(scenario.kinds) <= c.kinds and not (scenario.needs_server and c.name == "direct")
+        if set(scenario.kinds) <= c.kinds
+        and not (scenario.needs_server and c.name == "direct")
+        and (scenario.only is None or c.name in scenario.only)
     ]
 
 
@@ -72,6 +74,7 @@ async def run_scenario(
     """
     names = [c.name for c in contenders]
     results: list[dict[str, Metrics]] = []
+    details: list[dict[str, dict[str, object]]] = []
     failures: list[str] = []
     closes = CloseReports() if isinstance(scenario, Cancel) else None
     port = free_port()
@@ -86,14 +89,16 @@ async def run_scenario(
         ) as mock:
             if closes is not None and mock.process.stdout is not None:
                 nursery.start_soon(closes.collect, mock.process.stdout)
-            context = Context(mock, closes)
+            context = Context(mock, closes, say=say)
             taking = list(contenders)
             for run in range(runs):
                 shift = run % len(taking) if taking else 0
                 measured: dict[str, Metrics] = {}
+                said: dict[str, dict[str, object]] = {}
                 for contender in [*taking[shift:], *taking[:shift]]:
                     label = f"{scenario.name} run {run + 1}/{runs} {contender.name}"
                     started = time.monotonic()
+                    context.details.clear()
                     try:
                         figures = await _measure_one(scenario, contender, port, workdir, context)
                     except ServerFailed as exc:
@@ -103,19 +108,25 @@ async def run_scenario(
                         say(f"{label}: FAILED, left out of later runs: {exc}")
                         continue
                     measured[contender.name] = figures
+                    if context.details:
+                        said[contender.name] = dict(context.details)
                     took = time.monotonic() - started
                     say(f"{label}: {_headline(scenario, figures)}  ({took:.1f} s)")
                 results.append(measured)
+                details.append(said)
         nursery.cancel_scope.cancel()
     params: dict[str, object] = asdict(scenario) if is_dataclass(scenario) else {}
-    return {"params": params, "contenders": names, "runs": results, "failures": failures}
+    outcome: dict[str, object] = {"params": params, "contenders": names, "runs": results}
+    if any(details):
+        outcome["details"] = details
+    return outcome | {"failures": failures}
 
 
 async def _measure_one(
     scenario: Scenario, contender: Contender, mock_port: int, workdir: Path, context: Context
 ) -> Metrics:
     """Start ``contender``, warm it up, measure once, stop it. A checkpoint; raises ServerFailed."""
-    async with contender.start(mock_port, workdir) as endpoint:
+    async with contender.start(mock_port, workdir, scenario.gateway_timeouts()) as endpoint:
         if scenario.warm_up:
             await warm_up(endpoint, scenario)
         with trio.move_on_after(scenario.time_limit) as scope:
@@ -128,5 +139,11 @@ def _headline(scenario: Scenario, figures: Metrics) -> str:
     parts = []
     for metric in scenario.headline:
         value = figures.get(metric)
-        parts.append(f"{metric}={'-' if value is None else f'{value:.3g}'}")
+        if value is None:
+            shown = "-"
+        elif value == int(value) and abs(value) < 1e6:
+            shown = str(int(value))
+        else:
+            shown = f"{value:.3g}"
+        parts.append(f"{metric}={shown}")
     return " ".join(parts)

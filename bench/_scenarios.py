@@ -1,4 +1,9 @@
-"""The seven scenarios: what each sends, to which mock, and which figures it takes.
+"""The scenarios: what each sends, to which mock, and which figures it takes.
+
+The seven performance scenarios live here; ``chaos``, ``chaos-sigterm``
+(:mod:`bench._chaos`) and ``soak`` (:mod:`bench._soak`) check correctness
+under faults and memory over time, on the gateway only, and run only when
+named.
 
 Every scenario has a full scale (the issue's, where it can run literally:
 docs/benchmarks.md says where not) and a ``--quick`` one that shrinks it
@@ -11,14 +16,15 @@ in MiB (``_mib``) or KiB (``_kib``); CPU is the server's own, from /proc.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import orjson
 import trio
@@ -28,7 +34,7 @@ from bench._load import StreamLog, Target, count_events, run_stream
 from bench._procs import Server, read_usage
 from trio_gateway.testing.mock_upstream import Script, StreamKind, iter_stream
 
-__all__ = ["SCENARIOS", "Context", "Metrics", "Scenario", "scenarios"]
+__all__ = ["DEFAULT_SCENARIOS", "SCENARIOS", "Context", "Metrics", "Scenario", "scenarios"]
 
 Metrics = dict[str, float | None]
 KINDS: tuple[StreamKind, ...] = ("chat", "messages", "responses")
@@ -70,6 +76,10 @@ class Context:
 
     mock: Server
     closes: CloseReports | None = None
+    details: dict[str, object] = field(default_factory=dict)
+    """What a measurement has to say beyond flat figures (emptied before each)."""
+    say: Callable[[str], None] = print
+    """Where a long measurement reports its progress (a line at a time)."""
 
 
 class Scenario(Protocol):
@@ -83,16 +93,39 @@ class Scenario(Protocol):
     """The figures for the progress line and the published table."""
     warm_up: ClassVar[bool]
     """Whether each contender gets warm-up streams first (not when a stream is endless)."""
+    only: ClassVar[frozenset[str] | None]
+    """The only contenders it measures (None: every eligible one)."""
+    max_runs: ClassVar[int | None]
+    """At most this many runs, whatever ``--runs`` says (None: no cap)."""
 
     @property
     def time_limit(self) -> float:
         """Seconds one measurement may take before it is abandoned."""
+
+    def gateway_timeouts(self) -> Mapping[str, float]:
+        """``[timeouts]`` settings for the gateway in this scenario."""
+
+    def describe(self, details: Mapping[str, Any]) -> list[str]:
+        """Markdown lines for one contender's ``details`` (after the figures' table)."""
 
     def mock_argv(self, port: int) -> list[str]:
         """The mock upstream's command line."""
 
     async def measure(self, endpoint: Endpoint, context: Context) -> Metrics:
         """Run once against ``endpoint``. A checkpoint."""
+
+
+class Base:
+    """The defaults of :class:`Scenario`'s optional parts."""
+
+    only: ClassVar[frozenset[str] | None] = None
+    max_runs: ClassVar[int | None] = None
+
+    def gateway_timeouts(self) -> Mapping[str, float]:
+        return {}
+
+    def describe(self, details: Mapping[str, Any]) -> list[str]:
+        return []
 
 
 def mock_argv(port: int, *, tokens: int, pace: float = 0.0) -> list[str]:
@@ -192,7 +225,7 @@ def _errors(logs: Sequence[StreamLog]) -> int:
 
 
 @dataclass(frozen=True)
-class Trickle:
+class Trickle(Base):
     """Many concurrent streams at an LLM's pace: CPU per event and the delay added to events."""
 
     name: ClassVar[str] = "trickle"
@@ -232,7 +265,7 @@ class Trickle:
 
 
 @dataclass(frozen=True)
-class Burst:
+class Burst(Base):
     """Streams as fast as the mock can send them: streams per second and CPU per event."""
 
     name: ClassVar[str] = "burst"
@@ -271,7 +304,7 @@ class Burst:
 
 
 @dataclass(frozen=True)
-class Ttfb:
+class Ttfb(Base):
     """Time to the first response byte of short streams at several concurrencies."""
 
     name: ClassVar[str] = "ttfb"
@@ -307,7 +340,7 @@ class Ttfb:
 
 
 @dataclass(frozen=True)
-class IdleStreams:
+class IdleStreams(Base):
     """Many open streams waiting on a silent upstream: resident memory per open stream."""
 
     name: ClassVar[str] = "idle-streams"
@@ -366,7 +399,7 @@ class IdleStreams:
 
 
 @dataclass(frozen=True)
-class SlowClient:
+class SlowClient(Base):
     """An upstream pushing as fast as it can to a client reading 1 MB/s: memory growth."""
 
     name: ClassVar[str] = "slow-client"
@@ -429,7 +462,7 @@ class SlowClient:
 
 
 @dataclass(frozen=True)
-class Cancel:
+class Cancel(Base):
     """Clients leaving mid-stream: time until the mock sees its upstream connection close."""
 
     name: ClassVar[str] = "cancel"
@@ -481,7 +514,7 @@ class Cancel:
 
 
 @dataclass(frozen=True)
-class Kinds:
+class Kinds(Base):
     """Burst streams of chat, messages and responses: the three rewriters side by side."""
 
     name: ClassVar[str] = "kinds"
@@ -524,11 +557,29 @@ class Kinds:
         return metrics
 
 
-SCENARIOS = ("trickle", "burst", "ttfb", "idle-streams", "slow-client", "cancel", "kinds")
+DEFAULT_SCENARIOS = (
+    "trickle",
+    "burst",
+    "ttfb",
+    "idle-streams",
+    "slow-client",
+    "cancel",
+    "kinds",
+)
+"""The scenarios run when none is named: the performance ones."""
+SCENARIOS = (*DEFAULT_SCENARIOS, "chaos", "chaos-sigterm", "soak")
 
 
-def scenarios(quick: bool) -> dict[str, Scenario]:
-    """Every scenario, by name, at full or ``--quick`` scale."""
+def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[str, Scenario]:
+    """Every scenario, by name, at full or ``--quick`` scale.
+
+    ``seed`` draws the requests of chaos, chaos-sigterm and soak, and
+    ``requests``, if given, is how many each of them sends.
+    """
+    # Imported here: those modules build on this one.
+    from bench._chaos import Chaos, ChaosSigterm
+    from bench._soak import Soak
+
     if not quick:
         full: list[Scenario] = [
             Trickle(),
@@ -538,8 +589,11 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
             SlowClient(),
             Cancel(),
             Kinds(),
+            Chaos(seed=seed),
+            ChaosSigterm(seed=seed),
+            Soak(seed=seed),
         ]
-        return {s.name: s for s in full}
+        return {s.name: _sized(s, requests) for s in full}
     small: list[Scenario] = [
         Trickle(streams=20, tokens=20),
         Burst(streams=10, concurrency=5),
@@ -548,5 +602,15 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
         SlowClient(duration=2.0),
         Cancel(samples=5),
         Kinds(streams=5, concurrency=5, tokens=100),
+        Chaos(seed=seed, requests=200),
+        ChaosSigterm(seed=seed, requests=200),
+        Soak(seed=seed, requests=1000, samples=10),
     ]
-    return {s.name: s for s in small}
+    return {s.name: _sized(s, requests) for s in small}
+
+
+def _sized(scenario: Scenario, requests: int | None) -> Scenario:
+    """``scenario`` sending ``requests`` requests, if it counts them and a number is given."""
+    if requests is None or not hasattr(scenario, "requests"):
+        return scenario
+    return dataclasses.replace(scenario, requests=requests)  # type: ignore[type-var]

@@ -40,6 +40,7 @@ from trio_gateway.testing.mock_upstream import (
     render_error,
     render_json,
     render_stream,
+    script_from_request,
     usage_cost,
 )
 
@@ -351,11 +352,43 @@ def test_total_bytes_is_lazy() -> None:
         {"comment": "a\nb"},
         {"status": 99},
         {"total_bytes": -1},
+        {"fault": "explode"},
+        {"framing": "gzip"},
+        {"garble": "nice"},
     ],
 )
 def test_script_rejects_bad_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"must|cannot"):
         Script(**kwargs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("style", ["junk", "cut"])
+def test_garble_event(kind: StreamKind, style: Any) -> None:
+    plain = decode(render_stream(kind, Script(tokens=3), MODEL))
+    for index in (0, 2, -1, -2):
+        garbled = decode(
+            render_stream(kind, Script(tokens=3, garble_event=index, garble=style), MODEL)
+        )
+        assert [item.event for item in garbled] == [item.event for item in plain]
+        events = [i for i, item in enumerate(plain) if item.comment is None]
+        hit = events[index]
+        for i, (ours, theirs) in enumerate(zip(garbled, plain, strict=True)):
+            if i != hit:
+                assert ours == theirs
+        data, original = garbled[hit].data or "", plain[hit].data or ""
+        assert data.endswith("}{ not json")
+        assert data.startswith(original[: len(original) // 2] if style == "cut" else "}")
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(data)
+
+
+def test_garble_json_body() -> None:
+    body = render_json("chat", Script(), MODEL)
+    assert render_json("chat", Script(garble_event=0), MODEL) == b"}{ not json"
+    assert render_json("chat", Script(garble_event=0, garble="cut"), MODEL) == (
+        body[: len(body) // 2] + b"}{ not json"
+    )
 
 
 def test_render_embeddings_and_errors() -> None:
@@ -727,3 +760,88 @@ async def test_cli(nursery: trio.Nursery) -> None:
             response = await http.post(PATHS["chat"], json={"model": "m", "stream": True})
         assert text_of("chat", decode([response.content])) == expected_text(Script(tokens=3))
         process.terminate()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+async def test_eof_ends_the_body_cleanly_in_each_framing(
+    nursery: trio.Nursery, kind: StreamKind, framing: Any
+) -> None:
+    with trio.fail_after(10):
+        whole = b"".join(render_stream(kind, Script(), MODEL))
+        mock = await start(nursery, Script(fault="eof", fault_at=321, framing=framing))
+        async with client(mock) as http:
+            response = await http.post(PATHS[kind], json=request_body(kind, stream=True))
+        assert response.content == whole[:321]
+        framed = {
+            "chunked": ("transfer-encoding", "chunked"),
+            "length": ("content-length", "321"),
+            "close": ("connection", "close"),
+        }[framing]
+        assert response.headers[framed[0]] == framed[1]
+        if framing == "close":
+            assert "content-length" not in response.headers
+            assert "transfer-encoding" not in response.headers
+
+
+async def test_framing_without_a_fault_and_for_json(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        scripts = iter(
+            [Script(framing="length"), Script(framing="close"), Script(framing="chunked")]
+        )
+        mock = await start(nursery, lambda request: next(scripts))
+        async with client(mock) as http:
+            sized = await http.post(PATHS["chat"], json=request_body("chat", stream=True))
+            closed = await http.post(PATHS["chat"], json=request_body("chat", stream=False))
+            chunked = await http.post(PATHS["chat"], json=request_body("chat", stream=False))
+        assert sized.content == b"".join(render_stream("chat", Script(), MODEL))
+        assert sized.headers["content-length"] == str(len(sized.content))
+        assert closed.content == chunked.content == render_json("chat", Script(), MODEL)
+        assert closed.headers["connection"] == "close"
+        assert chunked.headers["transfer-encoding"] == "chunked"
+
+
+async def test_truncate_short_of_the_content_length(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        mock = await start(nursery, Script(fault="truncate", fault_at=50))
+        async with client(mock) as http:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.post(PATHS["chat"], json=request_body("chat", stream=False))
+
+
+async def test_script_from_request(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        mock = await start(nursery, script_from_request(Script(tokens=2)))
+        async with client(mock) as http:
+            plain = await http.post(PATHS["chat"], json=request_body("chat", stream=True))
+            asked = {"tokens": 4, "fault": "eof", "fault_at": 100, "framing": "length"}
+            body = request_body("chat", stream=True) | {"mock_script": asked}
+            cut = await http.post(PATHS["chat"], json=body)
+            wrong: list[object] = [{"chunks": []}, {"tokens": 1.5}, {"fault": "explode"}, [1]]
+            bad = [
+                await http.post(
+                    PATHS["chat"], json=request_body("chat", stream=True) | {"mock_script": value}
+                )
+                for value in wrong
+            ]
+        assert text_of("chat", decode([plain.content])) == expected_text(Script(tokens=2))
+        assert cut.content == b"".join(render_stream("chat", Script(tokens=4), MODEL))[:100]
+        for response in bad:
+            assert response.status_code == 400
+            assert "mock_script" in response.json()["error"]["message"]
+
+
+async def test_stats_count_open_and_busy_connections(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        mock = await start(nursery, Script(fault="stall", fault_at=10))
+        stream = await trio.open_tcp_stream("127.0.0.1", mock.port)
+        async with client(mock) as http:
+            with stream.socket:
+                await stream.send_all(raw_request(PATHS["chat"], request_body("chat", stream=True)))
+                await receive_body(stream, 10)
+                stalled = (await http.get(f"http://127.0.0.1:{mock.port}/mock/stats")).json()
+            await mock.connections[0].closed.wait()
+            after = (await http.get(f"http://127.0.0.1:{mock.port}/mock/stats")).json()
+        assert stalled == {"accepted": 2, "open": 1, "busy": 1, "requests": 2}
+        # httpx keeps its connection for the second request: it is the one asking.
+        assert after == {"accepted": 2, "open": 0, "busy": 0, "requests": 3}

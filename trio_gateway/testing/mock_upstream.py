@@ -29,9 +29,21 @@ Theory of operation
    framing. The mock sends exactly that many (splitting a write if it must)
    and then: ``reset`` sets ``SO_LINGER`` to 0 and closes, so the kernel
    sends a RST; ``truncate`` closes normally (FIN) without the terminating
-   zero-length chunk; ``stall`` sends nothing more and waits until the peer
-   closes. A ``fault_at`` past the end of the body faults just before the
-   terminating chunk; a negative one faults before the response head.
+   zero-length chunk (or short of the ``content-length``); ``eof`` ends the
+   body *cleanly* there: the terminating chunk, or a ``content-length`` of
+   ``fault_at`` bytes announced in the head, or the close of a body
+   delimited by the close (then it is the same as ``truncate``); ``stall``
+   sends nothing more and waits until the peer closes. A ``fault_at`` past
+   the end of the body faults just before its end; a negative one faults
+   before the response head.
+   **Framing** (``Script.framing``) says how the body is delimited:
+   ``chunked`` (a stream's default), ``length`` (a JSON answer's default;
+   a stream is then rendered whole first), or ``close``: no length and no
+   chunks, the body ends when the mock closes (the response is written
+   around h11, which would never choose that framing for an HTTP/1.1 client).
+   **Garbage** (``Script.garble_event``) replaces the data of one event
+   (of a JSON answer: the body) with bytes that are not JSON (``junk``), or
+   with its first half followed by junk (``cut``).
 5. **Noticing the peer.** The reader is parked in ``recv()`` for the whole
    life of the connection, also while the exchanger paces, stalls or waits
    for a first-byte delay. A FIN (``recv`` returns ``b""``) or a RST
@@ -46,12 +58,22 @@ Theory of operation
    line ending) and cached; a response is a lazy generator over them, so
    ``total_bytes`` streams of gigabytes cycle a few prerendered events and
    never build the body in memory.
+7. **A script per request, and counts.** :func:`script_from_request` (the
+   CLI's ``--script-from-request``) lets each request choose its own script
+   in a ``"mock_script"`` object of its JSON body: a gateway forwards the
+   body's fields, not the client's headers, so a load generator behind a
+   gateway can still ask for one fault per request. ``GET /mock/stats``
+   answers the mock's own counts: connections accepted, open (the asking
+   one left out) and busy (a response in progress, a stall included), and
+   requests received.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import functools
@@ -69,8 +91,11 @@ __all__ = [
     "CREATED",
     "DEFAULT_MODEL",
     "PROMPT_TOKENS",
+    "REQUEST_FIELD",
     "WORDS",
     "Fault",
+    "Framing",
+    "Garble",
     "MockConnection",
     "MockRequest",
     "MockUpstream",
@@ -84,11 +109,14 @@ __all__ = [
     "render_json",
     "render_stream",
     "render_transcription",
+    "script_from_request",
     "usage_cost",
 ]
 
 StreamKind = Literal["chat", "messages", "responses"]
-Fault = Literal["reset", "truncate", "stall"]
+Fault = Literal["reset", "truncate", "stall", "eof"]
+Framing = Literal["chunked", "length", "close"]
+Garble = Literal["junk", "cut"]
 
 PROMPT_TOKENS = 42
 """The input token count of every response."""
@@ -106,6 +134,10 @@ _ITEM_ID = "msg_mock_item_1"
 _PROVIDER = "Mock"
 _BOM = b"\xef\xbb\xbf"
 _STREAM_KINDS = ("chat", "messages", "responses")
+_FAULTS = ("reset", "truncate", "stall", "eof")
+_FRAMINGS = ("chunked", "length", "close")
+_GARBLES = ("junk", "cut")
+_JUNK = b"}{ not json"
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,13 @@ class Script:
     """Inject a fault after ``fault_at`` body bytes: see the module docstring."""
     fault_at: int = 0
     """Body bytes sent before the fault; negative: before the response head."""
+    framing: Framing | None = None
+    """How the body is delimited; None: ``chunked`` for a stream, ``length`` for JSON."""
+    garble_event: int | None = None
+    """Garble the data of this event (0: the first after the comment; negative: from
+    the end). Of a JSON answer, any number garbles the whole body."""
+    garble: Garble = "junk"
+    """``junk``: the data becomes bytes that are not JSON; ``cut``: its first half, then junk."""
     total_bytes: int | None = None
     """Stream deltas until at least this many body bytes are out, then the tail.
 
@@ -174,6 +213,12 @@ class Script:
             raise ValueError(f"status must be an HTTP status, not {self.status}")
         if self.total_bytes is not None and self.total_bytes < 0:
             raise ValueError("total_bytes must not be negative")
+        if self.fault is not None and self.fault not in _FAULTS:
+            raise ValueError(f"fault must be one of {_FAULTS} or None, not {self.fault!r}")
+        if self.framing is not None and self.framing not in _FRAMINGS:
+            raise ValueError(f"framing must be one of {_FRAMINGS} or None, not {self.framing!r}")
+        if self.garble not in _GARBLES:
+            raise ValueError(f"garble must be one of {_GARBLES}, not {self.garble!r}")
 
 
 # --- Rendering: pure functions, no I/O -------------------------------------------------------
@@ -573,6 +618,45 @@ def _events(kind: StreamKind, script: Script, model: str) -> Iterator[bytes]:
         yield _frame(le, b"[DONE]")
 
 
+def _garbled(data: bytes, style: Garble) -> bytes:
+    """``data`` made into something that is not JSON: junk, or its first half and junk."""
+    return (data[: len(data) // 2] if style == "cut" else b"") + _JUNK
+
+
+def _garble_event(event: bytes, style: Garble, le: bytes) -> bytes:
+    """``event`` with the value of its data line garbled (the mock's events have one)."""
+    at = event.find(b"data: ")
+    if at < 0:
+        return event
+    start = at + len(b"data: ")
+    end = event.find(le, start)
+    end = len(event) if end < 0 else end
+    return event[:start] + _garbled(event[start:end], style) + event[end:]
+
+
+def _with_garbled_event(
+    items: Iterator[bytes], index: int, style: Garble, le: bytes, skip: int
+) -> Iterator[bytes]:
+    """``items`` with event ``index`` garbled; the first ``skip`` items (the comment) don't count.
+
+    A negative ``index`` counts from the end, so that many items are held back.
+    """
+    if index >= 0:
+        for position, item in enumerate(items):
+            yield _garble_event(item, style, le) if position - skip == index else item
+        return
+    window: collections.deque[bytes] = collections.deque()
+    position = 0  # of window[0]
+    for item in items:
+        window.append(item)
+        if len(window) > -index:
+            yield window.popleft()
+            position += 1
+    if len(window) == -index and position >= skip:
+        window[0] = _garble_event(window[0], style, le)
+    yield from window
+
+
 def _without_last_blank_line(events: Iterator[bytes], le_size: int) -> Iterator[bytes]:
     last: bytes | None = None
     for event in events:
@@ -614,6 +698,10 @@ def iter_stream(kind: StreamKind, script: Script, model: str) -> Iterator[bytes]
     if script.chunks is not None:
         return iter(script.chunks)
     writes = _events(kind, script, model)
+    if script.garble_event is not None:
+        skip = 0 if script.comment is None else 1
+        le = script.line_ending.encode()
+        writes = _with_garbled_event(writes, script.garble_event, script.garble, le, skip)
     if not script.final_blank_line:
         writes = _without_last_blank_line(writes, len(script.line_ending))
     if script.bom:
@@ -632,10 +720,12 @@ def render_json(kind: StreamKind, script: Script, model: str) -> bytes:
     """The body of a non-streamed response of ``kind``.
 
     A ``chat.completion``, a Messages ``message`` or a Responses ``response``
-    object, with ``script.tokens`` tokens of :func:`expected_text`.
+    object, with ``script.tokens`` tokens of :func:`expected_text`; garbled
+    if ``script.garble_event`` is set.
     """
     _check_kind(kind)
-    return _JSON[kind](model, script)
+    body = _JSON[kind](model, script)
+    return body if script.garble_event is None else _garbled(body, script.garble)
 
 
 def render_embeddings(model: str, inputs: Sequence[str], *, cost: bool = True) -> bytes:
@@ -736,7 +826,8 @@ class _Plan:
     status: int
     headers: list[tuple[str, str]]
     writes: Iterable[bytes]
-    content_length: int | None  # None: chunked
+    framing: Framing
+    content_length: int | None  # with framing "length" only
     script: Script
 
 
@@ -781,6 +872,64 @@ def _inputs(value: object) -> list[str]:
     return [item if isinstance(item, str) else orjson.dumps(item).decode() for item in items]
 
 
+REQUEST_FIELD = "mock_script"
+"""The request body's field read by :func:`script_from_request`."""
+_NONE = type(None)
+# The Script fields a request may set, and the JSON types each takes.
+_REQUEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "tokens": (int,),
+    "pace": (int, float),
+    "first_byte_delay": (int, float),
+    "chunk_size": (int, _NONE),
+    "line_ending": (str,),
+    "bom": (bool,),
+    "final_blank_line": (bool,),
+    "comment": (str, _NONE),
+    "send_done": (bool,),
+    "send_done_all_kinds": (bool,),
+    "cost": (bool,),
+    "status": (int,),
+    "content_type": (str, _NONE),
+    "fault": (str, _NONE),
+    "fault_at": (int,),
+    "framing": (str, _NONE),
+    "garble_event": (int, _NONE),
+    "garble": (str,),
+    "total_bytes": (int, _NONE),
+    "model": (str, _NONE),
+}
+
+
+def script_from_request(base: Script = _DEFAULT_SCRIPT) -> Callable[[MockRequest], Script]:
+    """A script function for :class:`MockUpstream`: ``base``, changed by the request.
+
+    The request's JSON body may hold a ``"mock_script"`` object whose members
+    replace fields of ``base`` (``{"fault": "eof", "fault_at": 120}``). One that
+    names an unknown field, has a value of the wrong type, or fails the
+    script's checks is answered with a 400 error saying why.
+    """
+
+    def script(request: MockRequest) -> Script:
+        changes = (request.json or {}).get(REQUEST_FIELD)
+        if changes is None:
+            return base
+        try:
+            if not isinstance(changes, dict):
+                raise ValueError("expected a JSON object")
+            for name, value in changes.items():
+                allowed = _REQUEST_FIELDS.get(name)
+                if allowed is None:
+                    raise ValueError(f"no field {name!r} may be set")
+                if type(value) not in allowed:
+                    raise ValueError(f"{name}: {value!r} has the wrong type")
+            return dataclasses.replace(base, **changes)
+        except ValueError as exc:
+            message = f"mock upstream: bad {REQUEST_FIELD}: {exc}"
+            return Script(status=400, error_body=render_error(None, 400, message))
+
+    return script
+
+
 class MockUpstream:
     """A fake provider on a real loopback socket, answering per :class:`Script`.
 
@@ -799,6 +948,10 @@ class MockUpstream:
         self.api_key = api_key
         self.requests: list[MockRequest] = []
         self.connections: list[MockConnection] = []
+        self.open_connections = 0
+        """Accepted connections whose socket is not closed yet."""
+        self.busy_connections = 0
+        """Open connections with a response in progress (a stall included)."""
         self._port: int | None = None
         self._base_url: str | None = None
 
@@ -842,6 +995,7 @@ class MockUpstream:
                     sock, _ = await listener.accept()
                     record = MockConnection(len(self.connections), trio.current_time())
                     self.connections.append(record)
+                    self.open_connections += 1
                     nursery.start_soon(_Connection(self, sock, record).run)
 
     def _authorized(self, request: MockRequest) -> bool:
@@ -855,6 +1009,8 @@ class MockUpstream:
     def _plan(self, request: MockRequest) -> _Plan:
         """Decide the whole response to ``request``; no I/O."""
         path = request.path.partition("?")[0]
+        if path == "/mock/stats" and request.method == "GET":
+            return _json_plan(Script(), orjson.dumps(self._stats()))
         method, route = _ROUTES.get(path, ("", None))
         if route is None or request.method != method:
             status = 404 if route is None else 405
@@ -891,13 +1047,35 @@ class MockUpstream:
                 content_type = script.content_type or "text/event-stream"
                 headers = [("content-type", content_type), ("cache-control", "no-cache")]
                 writes = iter_stream(kind, script, model)
-                return _Plan(script.status, headers, writes, None, script)
+                return _framed_plan(script, headers, writes, script.framing or "chunked")
             body = render_json(kind, script, model)
         return _json_plan(script, body, content_type)
 
+    def _stats(self) -> dict[str, int]:
+        """The counts ``GET /mock/stats`` answers, asked while its own connection is open."""
+        return {
+            "accepted": len(self.connections),
+            "open": self.open_connections - 1,  # not the connection asking
+            "busy": self.busy_connections,
+            "requests": len(self.requests),
+        }
+
+
+def _framed_plan(
+    script: Script, headers: list[tuple[str, str]], writes: Iterable[bytes], framing: Framing
+) -> _Plan:
+    """A response of ``writes`` delimited by ``framing``; ``length`` takes them all first."""
+    length = None
+    if framing == "length":
+        writes = list(writes)
+        length = sum(map(len, writes))
+        if script.fault == "eof" and script.fault_at >= 0:
+            length = min(length, script.fault_at)  # the body ends cleanly there
+    return _Plan(script.status, headers, writes, framing, length, script)
+
 
 def _json_plan(script: Script, body: bytes, content_type: str = "application/json") -> _Plan:
-    """A response with a content-length, honouring the script's chunks and chunk size."""
+    """A response (by default with a content-length), honouring chunks and chunk size."""
     writes: Iterable[bytes]
     if script.chunks is not None:
         writes = script.chunks
@@ -905,13 +1083,13 @@ def _json_plan(script: Script, body: bytes, content_type: str = "application/jso
         writes = _recut([body], script.chunk_size)
     else:
         writes = [body]
-    length = sum(map(len, script.chunks)) if script.chunks is not None else len(body)
     headers = [("content-type", script.content_type or content_type)]
-    return _Plan(script.status, headers, writes, length, script)
+    return _framed_plan(script, headers, writes, script.framing or "length")
 
 
 def _error_plan(status: int, body: bytes) -> _Plan:
-    return _Plan(status, [("content-type", "application/json")], [body], len(body), Script())
+    headers = [("content-type", "application/json")]
+    return _Plan(status, headers, [body], "length", len(body), Script())
 
 
 class _Connection:
@@ -943,6 +1121,7 @@ class _Connection:
         finally:
             if self.record.closed_at is None:
                 self.record.closed_at = trio.current_time()
+            self.server.open_connections -= 1
             self.record.closed.set()
 
     def _peer_closed(self) -> None:
@@ -993,7 +1172,13 @@ class _Connection:
             if request is None:
                 return
             self.server.requests.append(request)
-            if not await self._respond(self.server._plan(request)):
+            plan = self.server._plan(request)
+            self.server.busy_connections += 1
+            try:
+                keep_alive = await self._respond(plan)
+            finally:
+                self.server.busy_connections -= 1
+            if not keep_alive:
                 return
             if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                 return  # MUST_CLOSE: no keep-alive (Connection: close, HTTP/1.0)
@@ -1043,9 +1228,18 @@ class _Connection:
 
     def _head(self, plan: _Plan) -> bytes:
         headers = [(k.encode(), v.encode()) for k, v in plan.headers]
+        if plan.framing == "close":
+            # Written by hand: for an HTTP/1.1 client h11 would frame the body in chunks.
+            lines = [b"HTTP/1.1 %d \r\n" % plan.status]
+            lines += [name + b": " + value + b"\r\n" for name, value in headers]
+            return b"".join([*lines, b"connection: close\r\n\r\n"])
         if plan.content_length is not None:
             headers.append((b"content-length", b"%d" % plan.content_length))
         return self.h11.send(h11.Response(status_code=plan.status, headers=headers)) or b""
+
+    def _body(self, data: bytes, plan: _Plan) -> bytes:
+        """The bytes that carry ``data`` in the body: a chunk, or as they are."""
+        return data if plan.framing == "close" else self.h11.send(h11.Data(data=data)) or b""
 
     async def _respond(self, plan: _Plan) -> bool:
         """Send the response of ``plan``, injecting its fault; return whether to keep alive.
@@ -1070,23 +1264,35 @@ class _Connection:
             if fault is not None and sent + len(data) >= script.fault_at:
                 head = data[: script.fault_at - sent]
                 if head:
-                    await self._send(self.h11.send(h11.Data(data=head)) or b"")
-                await self._fault(fault)
-                return False
-            await self._send(self.h11.send(h11.Data(data=data)) or b"")
+                    await self._send(self._body(head, plan))
+                return await self._end_with(fault, plan)
+            await self._send(self._body(data, plan))
             sent += len(data)
         if fault is not None:  # fault_at is past the body: fault before its end
-            await self._fault(fault)
+            return await self._end_with(fault, plan)
+        if plan.framing == "close":
             return False
         await self._send(self.h11.send(h11.EndOfMessage()) or b"")
         return True
+
+    async def _end_with(self, fault: Fault, plan: _Plan) -> bool:
+        """End the body with ``fault``; return whether the connection may be kept alive.
+
+        A checkpoint. ``eof`` ends a chunked or sized body cleanly (a body
+        delimited by the close ends by closing, as ``truncate`` does).
+        """
+        if fault == "eof" and plan.framing != "close":
+            await self._send(self.h11.send(h11.EndOfMessage()) or b"")
+            return True
+        await self._fault(fault)
+        return False
 
     async def _fault(self, fault: Fault) -> None:
         """Prepare the socket for ``fault``; the caller then closes it.
 
         ``stall`` never returns: it sleeps until the reader sees the peer close
-        and cancels the connection. ``reset`` and ``truncate`` are not
-        checkpoints.
+        and cancels the connection. ``reset``, ``truncate`` and ``eof`` (here
+        a plain close) are not checkpoints.
         """
         if fault == "reset":
             # Linger on, timeout 0: close() discards unsent data and sends a RST.
@@ -1118,9 +1324,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pace", type=float, default=0.0, help="seconds between writes")
     parser.add_argument("--chunk-size", type=int, default=None, help="re-cut writes to N bytes")
     parser.add_argument("--api-key", default=None, help="require this key")
+    parser.add_argument(
+        "--script-from-request",
+        action="store_true",
+        help=f'let each request change the script in a "{REQUEST_FIELD}" object of its body',
+    )
     args = parser.parse_args(argv)
     script = Script(tokens=args.tokens, pace=args.pace, chunk_size=args.chunk_size)
-    mock = MockUpstream(script, api_key=args.api_key)
+    scripts = script_from_request(script) if args.script_from_request else script
+    mock = MockUpstream(scripts, api_key=args.api_key)
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_serve_and_announce, mock, args.host, args.port)
 
