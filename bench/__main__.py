@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import random
 import shutil
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import orjson
 import trio
 
-from bench._contenders import Contender, all_contenders
+from bench._contenders import PROFILE_ENV, Contender, all_contenders
 from bench._report import evaluate, machine, markdown, summarize
 from bench._runner import eligible, run_scenario
 from bench._scenarios import DEFAULT_SCENARIOS, SCENARIOS, scenarios
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="result file (JSON)")
     parser.add_argument(
         "--seed", type=int, help="seed of the chaos and soak requests (default: a random one)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway under cProfile and write one .prof file per server to DIR"
+        " (read it with: python -m pstats FILE, then sort cumtime / stats 30)",
     )
     parser.add_argument(
         "--requests", type=int, help="requests each of chaos, chaos-sigterm and soak sends"
@@ -131,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--requests must be at least 1")
     if args.seed is None:
         args.seed = random.randrange(2**32)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[PROFILE_ENV] = str(args.profile.resolve())
     result = trio.run(run, args, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")

@@ -53,6 +53,7 @@ UPSTREAM_MODEL = "mock-vendor/model:free"
 _UPSTREAM_KEY_ENV = "TRIO_GATEWAY_BENCH_UPSTREAM_KEY"
 SOURCE_ENV = "TRIO_GATEWAY_BENCH_GATEWAY_SOURCE"
 TRACEMALLOC_ENV = "TRIO_GATEWAY_BENCH_TRACEMALLOC"
+PROFILE_ENV = "TRIO_GATEWAY_BENCH_PROFILE"  # a folder: the gateway runs under cProfile
 _ALL_KINDS = frozenset({"chat", "messages", "responses"})
 
 
@@ -148,6 +149,10 @@ class Gateway(_Ours):
         argv = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
         if traces := os.environ.get(TRACEMALLOC_ENV):
             argv[1:3] = ["-m", "bench._traced_gateway", "--snapshots", traces]
+        elif profiles := os.environ.get(PROFILE_ENV):
+            # serve exits normally on SIGTERM, so cProfile writes its file then.
+            output = Path(profiles) / f"gateway-{port}.prof"
+            argv[1:1] = ["-m", "cProfile", "-o", str(output)]
         env = bench_env() | {_UPSTREAM_KEY_ENV: "bench-upstream-key"}
         if source := os.environ.get(SOURCE_ENV):
             env["PYTHONPATH"] = os.pathsep.join([source, env["PYTHONPATH"]])

@@ -265,6 +265,55 @@ class Trickle(Base):
 
 
 @dataclass(frozen=True)
+class Trickle50(Trickle):
+    """The same at 50 streams: a busy gateway never batches them, so this is the honest
+    per-event cost (at 200 streams, a pass of the scheduler gathers several events)."""
+
+    name: ClassVar[str] = "trickle-50"
+    streams: int = 50
+
+
+@dataclass(frozen=True)
+class Short(Base):
+    """Short streams (a 10-event answer) at 20 at a time: the cost of a request itself."""
+
+    name: ClassVar[str] = "short"
+    kinds: ClassVar[tuple[StreamKind, ...]] = ("chat",)
+    needs_server: ClassVar[bool] = False
+    warm_up: ClassVar[bool] = True
+    headline: ClassVar[tuple[str, ...]] = (
+        "cpu_us_per_request",
+        "requests_per_s",
+        "cpu_us_per_event",
+        "mock_cpu_share",
+        "client_cpu_share",
+        "events",
+        "errors",
+    )
+    streams: int = 1500
+    concurrency: int = 20
+    tokens: int = 7  # with the role chunk, the finish, the usage and [DONE]: 10 events
+    time_limit: float = 120.0
+
+    def mock_argv(self, port: int) -> list[str]:
+        return mock_argv(port, tokens=self.tokens)
+
+    async def measure(self, endpoint: Endpoint, context: Context) -> Metrics:
+        meter = Meter(endpoint.server, context.mock)
+        logs = await run_many(target(endpoint, "chat"), self.streams, self.concurrency)
+        metrics = meter.stop(sum(len(log.events) for log in logs))
+        wall, server_cpu = metrics["wall_s"], metrics["server_cpu_s"]
+        assert wall is not None
+        return metrics | {
+            "streams": self.streams,
+            "events_expected": self.streams * expected_events("chat", self.tokens),
+            "errors": _errors(logs),
+            "requests_per_s": self.streams / wall,
+            "cpu_us_per_request": _per(server_cpu, self.streams, 1e6),
+        }
+
+
+@dataclass(frozen=True)
 class Burst(Base):
     """Streams as fast as the mock can send them: streams per second and CPU per event."""
 
@@ -559,6 +608,8 @@ class Kinds(Base):
 
 DEFAULT_SCENARIOS = (
     "trickle",
+    "trickle-50",
+    "short",
     "burst",
     "ttfb",
     "idle-streams",
@@ -583,6 +634,8 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
     if not quick:
         full: list[Scenario] = [
             Trickle(),
+            Trickle50(),
+            Short(),
             Burst(),
             Ttfb(),
             IdleStreams(),
@@ -596,6 +649,8 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
         return {s.name: _sized(s, requests) for s in full}
     small: list[Scenario] = [
         Trickle(streams=20, tokens=20),
+        Trickle50(streams=10, tokens=20),
+        Short(streams=60, concurrency=10),
         Burst(streams=10, concurrency=5),
         Ttfb(requests=((1, 10), (16, 32), (64, 64))),
         IdleStreams(streams=50, settle=0.2),

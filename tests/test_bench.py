@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -47,13 +48,19 @@ def test_ratios_are_taken_within_each_run_then_medianed() -> None:
 def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_GATEWAY_BENCH_")}
-    command = [sys.executable, "-m", "bench", "trickle", "cancel", "--quick", "--runs", "1"]
-    command += ["--contenders", "direct,bare,gateway", "--out", str(out)]
+    profiles = tmp_path / "profiles"
+    command = [sys.executable, "-m", "bench", "trickle", "short", "cancel", "--quick", "--runs"]
+    command += ["1", "--contenders", "direct,bare,gateway", "--out", str(out)]
+    command += ["--profile", str(profiles)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(out.read_text())
 
-    assert result["settings"] == {"runs": 1, "quick": True, "scenarios": ["trickle", "cancel"]}
+    assert result["settings"] == {
+        "runs": 1,
+        "quick": True,
+        "scenarios": ["trickle", "short", "cancel"],
+    }
     assert result["contenders"]["litellm"] == "not selected (--contenders)"
     assert {"cpu", "cores", "memory_gib", "kernel", "python"} <= result["machine"].keys()
     trickle, cancel = result["scenarios"]["trickle"], result["scenarios"]["cancel"]
@@ -73,8 +80,15 @@ def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:
     for figures in cancel["runs"][0].values():
         assert figures["errors"] == figures["missed"] == 0
         assert 0 <= figures["close_p50_ms"] <= figures["close_p99_ms"] < 1000
+    short = result["scenarios"]["short"]["runs"][0]
+    assert short["gateway"]["errors"] == 0
+    assert short["gateway"]["cpu_us_per_request"] > 0
+    # --profile: the gateway ran under cProfile, one readable file per server it started.
+    found = sorted(profiles.glob("gateway-*.prof"))
+    assert found
+    assert all(pstats.Stats(str(p)).total_calls > 0 for p in found)  # type: ignore[attr-defined]
     targets = {t["target"]: t["status"] for t in result["targets"]}
-    assert len(targets) == 16
+    assert len(targets) == 20
     assert set(targets.values()) <= {"met", "missed", "not measured"}
     assert targets["burst streams per second, gateway / bare"] == "not measured"
 
