@@ -2,7 +2,9 @@
 
 Fed by :class:`~trio_gateway._core.record.RequestRecord`\\ s, whose stored and
 logged fields are declared once, in :data:`~trio_gateway._core.record.FIELDS`.
-The usage database's rows are pure (``usage_rows``); the spill file
-(``spill``), the usage store (``usage_store``) and the request log
-(``json_log``, the JSON line log) do the I/O.
+The usage database's rows are pure (``usage_rows``); the spill files
+(``spill``), the usage store (``usage_store``, over one ``usage_db``
+interface: ``sqlite_store`` or ``postgres_store``), the limiters
+(``limiter``, ``redis_limiter``) and the request log (``json_log``, the
+JSON line log) do the I/O.
 """
