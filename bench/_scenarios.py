@@ -618,7 +618,7 @@ DEFAULT_SCENARIOS = (
     "kinds",
 )
 """The scenarios run when none is named: the performance ones."""
-SCENARIOS = (*DEFAULT_SCENARIOS, "chaos", "chaos-sigterm", "soak")
+SCENARIOS = (*DEFAULT_SCENARIOS, "chaos", "chaos-sigterm", "soak", "limits")
 
 
 def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[str, Scenario]:
@@ -629,6 +629,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
     """
     # Imported here: those modules build on this one.
     from bench._chaos import Chaos, ChaosSigterm
+    from bench._limits import Limits
     from bench._soak import Soak
 
     if not quick:
@@ -645,6 +646,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
             Chaos(seed=seed),
             ChaosSigterm(seed=seed),
             Soak(seed=seed),
+            Limits(),
         ]
         return {s.name: _sized(s, requests) for s in full}
     small: list[Scenario] = [
@@ -660,6 +662,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
         Chaos(seed=seed, requests=200),
         ChaosSigterm(seed=seed, requests=200),
         Soak(seed=seed, requests=1000, samples=10),
+        Limits(admits=200),
     ]
     return {s.name: _sized(s, requests) for s in small}
 
