@@ -715,3 +715,392 @@ def test_limits_built_in_code_are_checked_too():
         GatewayConfig(base.upstreams, base.models, base.keys, redis_url="redis//nowhere")
     with pytest.raises(ConfigError, match=r"^limits\.redis_timeout: expected a positive number"):
         GatewayConfig(base.upstreams, base.models, base.keys, redis_timeout=0)
+
+
+# --- [accounting]: PostgreSQL, spill files, retries -------------------------------------------
+
+DATABASE_PASSWORD = "pg-pass-0123456789"
+
+
+def with_accounting(**accounting: Any) -> dict[str, Any]:
+    data = example()
+    data["accounting"] = accounting
+    return data
+
+
+def test_accounting_defaults_spill_beside_the_database_and_retry_every_30_s(tmp_path: Path):
+    config = parse_config(example(), ENV, base_dir=tmp_path)
+    assert config.database == str(tmp_path / "usage.db")
+    assert (config.database_schema, config.spill_dir, config.retry_interval) == (None, None, 30.0)
+
+
+def test_a_postgres_url_is_kept_and_its_spill_files_go_beside_the_config(tmp_path: Path):
+    url = f"postgresql://gateway:{DATABASE_PASSWORD}@db.internal:5432/usage?sslmode=require"
+    config = parse_config(with_accounting(database=url, schema="eu_1"), ENV, base_dir=tmp_path)
+    assert config.database == url
+    assert config.database_schema == "eu_1"
+    assert config.spill_dir == str(tmp_path)
+    short = parse_config(with_accounting(database="postgres://db/usage"), ENV, base_dir=tmp_path)
+    assert (short.database, short.database_schema) == ("postgres://db/usage", None)
+
+
+def test_spill_dir_and_retry_interval_parse(tmp_path: Path):
+    config = parse_config(
+        with_accounting(database="postgresql://db/usage", spill_dir="spill", retry_interval=5),
+        ENV,
+        base_dir=tmp_path,
+    )
+    assert (config.spill_dir, config.retry_interval) == (str(tmp_path / "spill"), 5.0)
+    sqlite = parse_config(with_accounting(spill_dir="/var/spool/gw"), ENV, base_dir=tmp_path)
+    assert (sqlite.database, sqlite.spill_dir) == (str(tmp_path / "usage.db"), "/var/spool/gw")
+
+
+@pytest.mark.parametrize(
+    ("accounting", "expected"),
+    [
+        (
+            {"database": "postgresql://db:port/usage"},
+            "accounting.database: expected postgresql://[USER[:PASSWORD]@][HOST][:PORT][/DBNAME]"
+            "[?PARAMS]",
+        ),
+        (
+            {"database": "postgresql://db:99999/usage"},
+            "accounting.database: expected postgresql://",
+        ),
+        ({"database": "postgresql://db/us age"}, "accounting.database: expected postgresql://"),
+        ({"database": "postgresql://db/usage#x"}, "accounting.database: expected postgresql://"),
+        ({"database": ""}, "accounting.database: must not be empty"),
+        (
+            {"schema": "eu"},
+            'accounting.schema: only for a PostgreSQL database ("postgresql://...")',
+        ),
+        (
+            {"database": "postgresql://db/usage", "schema": "1eu"},
+            "accounting.schema: expected letters, digits and _ (at most 63, not a digit first)",
+        ),
+        (
+            {"database": "postgresql://db/usage", "schema": "eu-1"},
+            "accounting.schema: expected letters, digits and _",
+        ),
+        (
+            {"database": "postgresql://db/usage", "schema": ""},
+            "accounting.schema: must not be empty",
+        ),
+        (
+            {"database": ":memory:", "spill_dir": "spill"},
+            "accounting.spill_dir: a database in memory has no spill files",
+        ),
+        ({"spill_dir": 3}, "accounting.spill_dir: expected a string, got 3"),
+        ({"retry_interval": 0}, "accounting.retry_interval: expected a positive number, got 0"),
+        ({"retry_interval": "30s"}, "accounting.retry_interval: expected a number of seconds"),
+        ({"url": "postgresql://db"}, "accounting.url: unknown key"),
+    ],
+)
+def test_bad_accounting_is_named(accounting: dict[str, Any], expected: str):
+    assert error_of(with_accounting(**accounting)).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://gateway:{DATABASE_PASSWORD}@db:port/usage",
+        f"postgresql://gateway:{DATABASE_PASSWORD}@db/usage#fragment",
+        f"postgres://gateway:{DATABASE_PASSWORD}@db:70000/usage",
+    ],
+)
+def test_database_url_errors_never_show_the_url_or_its_password(url: str):
+    message = error_of(with_accounting(database=url))
+    assert message.startswith("accounting.database: ")
+    assert DATABASE_PASSWORD not in message
+
+
+def test_repr_never_shows_the_database_url_or_its_password():
+    url = f"postgresql://gateway:{DATABASE_PASSWORD}@db.internal/usage"
+    config = parse_config(with_accounting(database=url), ENV)
+    for text in (repr(config), str(config)):
+        assert DATABASE_PASSWORD not in text
+
+
+# -- [server] workers (tests/test_workers.py runs them) ------------------------------
+
+
+def with_workers(workers: Any, *, rpm: int | None = None, **limits: Any) -> dict[str, Any]:
+    data = example()
+    data["server"]["workers"] = workers
+    if rpm is not None:
+        data["keys"][0]["rpm"] = rpm
+    if limits:
+        data["limits"] = limits
+    return data
+
+
+def test_workers_default_to_one_and_parse():
+    assert parse_config(example(), ENV).workers == 1
+    assert parse_config(with_workers(4), ENV).workers == 4
+    assert parse_config(with_workers(64), ENV).workers == 64
+
+
+@pytest.mark.parametrize(
+    ("workers", "expected"),
+    [
+        (0, "server.workers: expected a whole number from 1 to 64, got 0"),
+        (-2, "server.workers: expected a whole number from 1 to 64, got -2"),
+        (65, "server.workers: expected a whole number from 1 to 64, got 65"),
+        (2.0, "server.workers: expected a whole number, got 2.0"),
+        ("2", "server.workers: expected a whole number, got '2'"),
+        (True, "server.workers: expected a whole number, got True"),
+    ],
+)
+def test_bad_workers_are_named(workers: Any, expected: str):
+    assert error_of(with_workers(workers)) == expected
+
+
+@pytest.mark.parametrize("limit", ["rpm", "tpm"])
+def test_workers_with_rate_limits_need_a_shared_store(limit: str):
+    data = with_workers(2)
+    data["keys"][1][limit] = 100
+    assert error_of(data) == (
+        "limits: workers = 2 needs [limits] redis_url; rate limits would be enforced per worker"
+    )
+    data["limits"] = {"redis_url": "redis://127.0.0.1:6379/0"}
+    assert parse_config(data, ENV).workers == 2
+
+
+def test_one_worker_or_no_limits_need_no_shared_store():
+    assert parse_config(with_workers(1, rpm=10), ENV).keys[0].rpm == 10
+    assert parse_config(with_workers(3), ENV).redis_url is None
+
+
+def test_the_workers_override_replaces_the_file_before_the_checks():
+    data = with_workers(2, rpm=10)
+    assert parse_config(data, ENV, workers=1).workers == 1
+    with pytest.raises(ConfigError, match=r"^limits: workers = 3 needs \[limits\] redis_url;"):
+        parse_config(with_workers(1, rpm=10), ENV, workers=3)
+    with pytest.raises(ConfigError, match=r"^server\.workers: expected a whole number, got '2'"):
+        parse_config(with_workers("2"), ENV, workers=1)  # the file's value is still checked
+
+
+def test_workers_built_in_code_are_checked_too():
+    base = parse_config(example(), ENV)
+    with pytest.raises(ConfigError, match=r"^server\.workers: expected a whole number from 1"):
+        GatewayConfig(base.upstreams, base.models, base.keys, workers=0)
+    limited = (KeyEntry("k", ALICE, rpm=5),)
+    with pytest.raises(ConfigError, match=r"^limits: workers = 2 needs"):
+        GatewayConfig(base.upstreams, base.models, limited, workers=2)
+
+
+# --- [models] deployments, fallbacks and retries; [routing] (docs/routing.md) -----------------
+
+
+def with_routing(models: dict[str, Any], routing: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = example()
+    data["upstreams"]["direct"] = {"base_url": "https://direct.invalid/v1", "api_key_env": "DIRECT"}
+    data["models"] = models
+    if routing is not None:
+        data["routing"] = routing
+    return data
+
+
+ROUTING_ENV = {**ENV, "DIRECT": "sk-direct"}
+SMART_MODELS: dict[str, Any] = {
+    "kilo/smart": {
+        "deployments": [
+            {"upstream": "openrouter", "upstream_model": "vendor/a", "weight": 3},
+            {"upstream": "direct", "upstream_model": "a-2025", "weight": 0.5},
+        ],
+        "fallbacks": ["kilo/cheap"],
+        "retries": 2,
+    },
+    "kilo/cheap": {"upstream": "direct", "upstream_model": "cheap-1", "free": True},
+}
+
+
+def routing_error(models: dict[str, Any], routing: dict[str, Any] | None = None) -> str:
+    return error_of(with_routing(models, routing), ROUTING_ENV)
+
+
+def test_deployments_fallbacks_and_retries_parse():
+    config = parse_config(with_routing(copy.deepcopy(SMART_MODELS)), ROUTING_ENV)
+    smart = config.models["kilo/smart"]
+    assert [(d.upstream, d.upstream_model, d.weight) for d in smart.deployments] == [
+        ("openrouter", "vendor/a", 3.0),
+        ("direct", "a-2025", 0.5),
+    ]
+    # The first deployment also answers to the short form's names.
+    assert (smart.upstream, smart.upstream_model) == ("openrouter", "vendor/a")
+    assert (smart.fallbacks, smart.retries, smart.free) == (("kilo/cheap",), 2, False)
+    cheap = config.models["kilo/cheap"]
+    assert [(d.upstream, d.upstream_model, d.weight) for d in cheap.deployments] == [
+        ("direct", "cheap-1", 1.0)
+    ]
+    assert (cheap.fallbacks, cheap.retries) == ((), None)
+
+
+def test_the_short_form_is_one_deployment_of_weight_1():
+    route = parse_config(example(), ENV).models["kilo/paid-model"]
+    assert route == ModelRoute("kilo/paid-model", "openrouter", "vendor/model")
+    assert [(d.upstream, d.upstream_model, d.weight) for d in route.deployments] == [
+        ("openrouter", "vendor/model", 1.0)
+    ]
+
+
+def test_routing_defaults_and_settings():
+    routing = parse_config(example(), ENV).routing
+    assert (routing.cooldown_failures, routing.cooldown_window, routing.cooldown_seconds) == (
+        3,
+        30.0,
+        30.0,
+    )
+    settings = {"cooldown_failures": 0, "cooldown_window": 2.5, "cooldown_seconds": 60}
+    routing = parse_config(with_routing(copy.deepcopy(SMART_MODELS), settings), ROUTING_ENV).routing
+    assert (routing.cooldown_failures, routing.cooldown_window, routing.cooldown_seconds) == (
+        0,
+        2.5,
+        60.0,
+    )
+
+
+def _smart(**changes: Any) -> dict[str, Any]:
+    models = copy.deepcopy(SMART_MODELS)
+    models["kilo/smart"].update(changes)
+    return models
+
+
+def _deployment(**changes: Any) -> dict[str, Any]:
+    return _smart(deployments=[{"upstream": "direct", "upstream_model": "m", **changes}])
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        (
+            _deployment(upstream="zz"),
+            """models."kilo/smart".deployments[0].upstream: no upstream named 'zz' """
+            "(known: direct, openrouter)",
+        ),
+        (
+            _smart(fallbacks=["kilo/typo"]),
+            """models."kilo/smart".fallbacks: no model named 'kilo/typo'""",
+        ),
+        (
+            _smart(fallbacks=["kilo/cheap", "kilo/cheap"]),
+            """models."kilo/smart".fallbacks: 'kilo/cheap' is listed twice""",
+        ),
+        (
+            _smart(fallbacks="kilo/cheap"),
+            """models."kilo/smart".fallbacks: expected a list of names, got 'kilo/cheap'""",
+        ),
+        (
+            _smart(fallbacks=["kilo/smart"]),
+            """models."kilo/smart".fallbacks: a cycle: 'kilo/smart' -> 'kilo/smart'""",
+        ),
+        (
+            _deployment(weight=0),
+            """models."kilo/smart".deployments[0].weight: expected a positive number, got 0""",
+        ),
+        (
+            _deployment(weight=-2.5),
+            """models."kilo/smart".deployments[0].weight: expected a positive number, got -2.5""",
+        ),
+        (
+            _deployment(weight=math.inf),
+            """models."kilo/smart".deployments[0].weight: expected a positive number, got inf""",
+        ),
+        (
+            _deployment(weight="3"),
+            """models."kilo/smart".deployments[0].weight: expected a positive number, got '3'""",
+        ),
+        (
+            _deployment(weight=True),
+            """models."kilo/smart".deployments[0].weight: expected a positive number, got True""",
+        ),
+        (
+            _smart(upstream="openrouter"),
+            """models."kilo/smart".deployments: not with upstream and upstream_model; use one""",
+        ),
+        (_smart(deployments=[]), """models."kilo/smart".deployments: must not be empty"""),
+        (
+            _smart(deployments={"upstream": "direct"}),
+            """models."kilo/smart".deployments: expected an array of tables, written """
+            "[{ upstream = ..., upstream_model = ... }]",
+        ),
+        (
+            _smart(deployments=["direct"]),
+            """models."kilo/smart".deployments[0]: expected a table""",
+        ),
+        (
+            _deployment(region="eu"),
+            """models."kilo/smart".deployments[0].region: unknown key""",
+        ),
+        (
+            _smart(deployments=[{"upstream": "direct"}]),
+            """models."kilo/smart".deployments[0].upstream_model: required""",
+        ),
+        (
+            _smart(retries=-1),
+            """models."kilo/smart".retries: expected a whole number from 0 to 10, got -1""",
+        ),
+        (
+            _smart(retries=11),
+            """models."kilo/smart".retries: expected a whole number from 0 to 10, got 11""",
+        ),
+        (
+            _smart(retries=1.5),
+            """models."kilo/smart".retries: expected a whole number, got 1.5""",
+        ),
+        (
+            _smart(retries=True),
+            """models."kilo/smart".retries: expected a whole number, got True""",
+        ),
+    ],
+)
+def test_bad_deployments_fallbacks_and_retries_are_named(models: dict[str, Any], expected: str):
+    assert routing_error(models) == expected
+
+
+def test_an_indirect_fallback_cycle_is_refused():
+    models = copy.deepcopy(SMART_MODELS)
+    models["kilo/cheap"]["fallbacks"] = ["kilo/other"]
+    models["kilo/other"] = {
+        "upstream": "direct",
+        "upstream_model": "o",
+        "fallbacks": ["kilo/smart"],
+    }
+    assert routing_error(models) == (
+        """models."kilo/smart".fallbacks: a cycle: 'kilo/smart' -> 'kilo/cheap' -> """
+        "'kilo/other' -> 'kilo/smart'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("routing", "expected"),
+    [
+        (
+            {"cooldown_failures": -1},
+            "routing.cooldown_failures: expected a whole number from 0 to 1000, got -1",
+        ),
+        ({"cooldown_failures": 2.5}, "routing.cooldown_failures: expected a whole number, got 2.5"),
+        ({"cooldown_window": 0}, "routing.cooldown_window: expected a positive number, got 0"),
+        ({"cooldown_seconds": -5}, "routing.cooldown_seconds: expected a positive number, got -5"),
+        ({"cooldown": 30}, "routing.cooldown: unknown key"),
+    ],
+)
+def test_bad_routing_settings_are_named(routing: dict[str, Any], expected: str):
+    assert routing_error(copy.deepcopy(SMART_MODELS), routing) == expected
+
+
+def test_routes_built_in_code_are_checked_too():
+    base = parse_config(example(), ENV)
+    looped = {
+        **base.models,
+        "kilo/free-model": ModelRoute(
+            "kilo/free-model", "openrouter", "vendor/model:free", fallbacks=("kilo/paid-model",)
+        ),
+        "kilo/paid-model": ModelRoute(
+            "kilo/paid-model", "openrouter", "vendor/model", fallbacks=("kilo/free-model",)
+        ),
+    }
+    with pytest.raises(ConfigError, match=r'^models\."kilo/free-model"\.fallbacks: a cycle'):
+        GatewayConfig(base.upstreams, looped, base.keys)
+    with pytest.raises(ConfigError, match=r'^models\."kilo/x"\.retries: expected a whole'):
+        ModelRoute("kilo/x", "openrouter", "m", retries=-1)

@@ -48,6 +48,9 @@ FAMILIES = {
     "trio_gateway_keepalives": "counter",
     "trio_gateway_added_latency_seconds": "histogram",
     "trio_gateway_rate_limit_store_unavailable": "counter",
+    "trio_gateway_deployment_attempts": "counter",
+    "trio_gateway_deployment_failures": "counter",
+    "trio_gateway_deployment_cooldowns": "counter",
 }
 # Sample name -> the store attribute it shows.
 STORE_SAMPLES = {

@@ -87,6 +87,8 @@ EXPECTED_LINE = {
     "bytes_to_client": 4096,
     "cancelled": False,
     "error_type": None,
+    "attempts": 1,
+    "failed_attempts": None,
 }
 
 
@@ -117,7 +119,7 @@ def test_missing_figures_are_null_and_a_failure_is_named() -> None:
     nulls = {
         "status", "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens",
         "reasoning_tokens", "cost", "upstream_id", "finish_reason", "time_to_headers_ms",
-        "time_to_first_token_ms",
+        "time_to_first_token_ms", "failed_attempts",
     }  # fmt: skip
     assert {name for name, value in line.items() if value is None} == nulls
     assert line["duration_ms"] == 62.5

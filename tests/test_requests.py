@@ -1125,8 +1125,12 @@ async def test_json_answer_headers_are_only_ours(autojump_clock: trio.testing.Mo
         b"content-length",
         b"x-request-id",
         b"retry-after",
+        b"x-gateway-served-by",
     }
     assert call.response_headers[b"retry-after"] == b"3"
+    served_by = call.response_headers[b"x-gateway-served-by"]
+    assert served_by == f"{PUBLIC_MODEL}; upstream=vendor".encode()
+    assert UPSTREAM_KEY.encode() not in served_by
     assert re.fullmatch(rb"[0-9a-f]{32}", call.response_headers[b"x-request-id"])
 
 
@@ -1142,6 +1146,7 @@ async def test_stream_answer_headers_are_only_ours(autojump_clock: trio.testing.
         b"cache-control",
         b"x-accel-buffering",
         b"x-request-id",
+        b"x-gateway-served-by",
     }
     assert b"SecretProvider" not in call.text
 
@@ -1150,7 +1155,12 @@ async def test_error_headers_are_only_ours(autojump_clock: trio.testing.MockCloc
     gateway, _ = make_gateway(json_answer({"error": {}}, 401, extra_headers=LEAKY_HEADERS))
     call = await AsgiCall.json(JSON_KINDS["chat"][1]).run(gateway)
     assert call.status == 502
-    assert set(call.response_headers) == {b"content-type", b"content-length", b"x-request-id"}
+    assert set(call.response_headers) == {
+        b"content-type",
+        b"content-length",
+        b"x-request-id",
+        b"x-gateway-served-by",
+    }
 
 
 async def test_request_ids_are_hex_and_fresh(autojump_clock: trio.testing.MockClock):

@@ -209,7 +209,7 @@ def test_not_a_usage_database(tmp_path: Path):
 def test_newer_database(database: Path):
     with sqlite3.connect(database) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(ReportError, match=r"schema version 2, newer than .* \(1\)"):
+    with pytest.raises(ReportError, match=r"schema version 3, newer than .* \(2\)"):
         usage_report(database, DAY, "key", NOW)
 
 

@@ -14,16 +14,25 @@ Rules for this file, on top of ``conftest.py``:
   it ends, so no thread outlives its test.
 * Every test that runs on the real clock (a real database thread) carries an
   absolute ``trio.fail_after(LIMIT)`` (``conftest.py`` rule 3).
+* Several processes are real OS processes (:func:`run_store_processes`), each
+  running :func:`store_process_main` with its own store. They wait on a
+  barrier file, so they start their stores at the same moment.
+* A process that is "no longer running" has a pid above the kernel's
+  ``pid_max`` (:func:`dead_pids`): no process can have it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import sqlite3
+import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +41,21 @@ import pytest
 import trio
 import trio.testing
 
+from trio_gateway._accounting import spill
 from trio_gateway._accounting.json_log import LOG_FIELDS, format_record
 from trio_gateway._accounting.usage_rows import (
     COLUMNS,
+    FIELDS_IN_VERSION,
     INSERT,
     SCHEMA,
     SCHEMA_VERSION,
     Row,
+    migration_statements,
     record_from_row,
     record_to_row,
     row_from_spill_line,
+    schema_statements,
+    schema_text,
     spill_line,
 )
 from trio_gateway._accounting.usage_store import SchemaError, UsageStore
@@ -245,6 +259,8 @@ def test_row_columns_are_flat_and_durations():
         "bytes_to_client": 2048,
         "cancelled": 0,
         "error_type": None,
+        "attempts": 1,
+        "failed_attempts": None,
     }
     reset = dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True))
     assert type(reset["error_type"]) is str  # the StrEnum's plain value
@@ -300,16 +316,60 @@ CREATE INDEX requests_public_model ON requests (public_model);
 
 
 def test_schema_version_1_is_frozen():
-    assert SCHEMA_VERSION == 1
-    assert SCHEMA == SCHEMA_V1
+    assert schema_text("sqlite", 1) == SCHEMA_V1
+    # Version 2 appended two columns; a version-1 file gains them by ALTER TABLE.
+    assert SCHEMA_VERSION == 2
+    assert migration_statements("sqlite", 1) == (
+        "ALTER TABLE requests ADD COLUMN attempts INTEGER",
+        "ALTER TABLE requests ADD COLUMN failed_attempts TEXT",
+    )
+    assert schema_text("sqlite", 2) == SCHEMA
     assert INSERT == (
         "INSERT INTO requests (request_id, kind, key_name, public_model, upstream,"
         " upstream_model, streamed, started_wall, status, input_tokens, output_tokens,"
         " cached_tokens, cache_write_tokens, reasoning_tokens, cost, upstream_id,"
         " finish_reason, time_to_headers, time_to_first_token, duration, bytes_to_client,"
-        " cancelled, error_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+        " cancelled, error_type, attempts, failed_attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+        " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
     )
+
+
+def test_every_field_is_in_the_current_schema_version():
+    counts = [FIELDS_IN_VERSION[version] for version in sorted(FIELDS_IN_VERSION)]
+    assert sorted(FIELDS_IN_VERSION) == list(range(1, SCHEMA_VERSION + 1))
+    assert counts == sorted(set(counts))  # each version adds fields
+    assert FIELDS_IN_VERSION[SCHEMA_VERSION] == len(FIELDS)
+    # Appended fields allow NULL: ADD COLUMN gives the rows already there NULL.
+    assert not any(f.not_null for f in FIELDS[FIELDS_IN_VERSION[1] :])
+
+
+async def test_a_version_1_file_is_brought_up_to_date(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        v1_columns = COLUMNS[: FIELDS_IN_VERSION[1]]
+        with sqlite3.connect(path) as conn:
+            for statement in schema_statements("sqlite", 1):
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 1")
+            row = record_to_row(SHAPES["completed"])[: len(v1_columns)]
+            marks = ", ".join("?" * len(v1_columns))
+            conn.execute(f"INSERT INTO requests ({', '.join(v1_columns)}) VALUES ({marks})", row)
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(SHAPES["upstream_reset"])
+            await store.aclose()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)")]
+        assert columns == ["id", *COLUMNS]
+        old, new = read_rows(path)
+        assert (old["request_id"], old["attempts"], old["failed_attempts"]) == (
+            "req-completed",
+            None,
+            None,
+        )
+        assert new == dict(zip(COLUMNS, record_to_row(SHAPES["upstream_reset"]), strict=True))
 
 
 def test_one_field_list_drives_the_schema_the_rows_and_the_log():
@@ -330,7 +390,7 @@ def test_one_field_list_drives_the_schema_the_rows_and_the_log():
     assert record_fields >= UNSTORED
     # The table a fresh database gets has exactly these columns, types and NOT NULLs.
     with sqlite3.connect(":memory:") as conn:
-        for statement in SCHEMA.split(";"):
+        for statement in schema_statements("sqlite"):
             conn.execute(statement)
         table = [row[1:4] for row in conn.execute("PRAGMA table_info(requests)")]
     assert table == [
@@ -415,7 +475,7 @@ async def test_newer_schema_is_refused(tmp_path: Path):
         store = UsageStore(path)
         await store.submit(SHAPES["completed"])  # queued before run: must not be lost
         async with trio.open_nursery() as nursery:
-            with pytest.raises(SchemaError, match=r"schema version 2, newer than .* \(1\)"):
+            with pytest.raises(SchemaError, match=r"schema version 3, newer than .* \(2\)"):
                 await nursery.start(store.run)
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
@@ -743,8 +803,7 @@ async def test_batch_is_one_transaction_and_bad_rows_are_rejected_not_lost(tmp_p
             await again.aclose()
         assert (again.imported, again.duplicates, again.rejected) == (2, 0, 1)
         assert stored_ids(path) == ["req-a", "req-b"]
-        assert again.spill_path is not None
-        rejected = again.spill_path.with_name(again.spill_path.name + ".rejected")
+        rejected = tmp_path / "usage.db.spill.jsonl.rejected"  # one for the database
         [line] = rejected.read_bytes().splitlines()
         assert orjson.loads(line)["request_id"] == "req-bad"
 
@@ -782,3 +841,237 @@ async def test_interrupted_import_is_finished_first(tmp_path: Path):
         assert store.imported == 2
         assert stored_ids(path) == ["req-completed", "req-reset"]
         assert [name for name in file_names(tmp_path) if "spill" in name] == []
+
+
+# --- several processes, one database ------------------------------------------------------
+
+REPOSITORY = Path(__file__).parent.parent
+
+
+def store_process_main(argv: Sequence[str]) -> None:
+    """The body of one process of :func:`run_store_processes` (its only argument is JSON).
+
+    Touches ``ready``, waits for ``go`` to exist, then runs a store on
+    ``database`` (``schema``, ``spill_dir``, ``queue_size``, ``submit_timeout``),
+    submits ``count`` records named ``<prefix>-NNNNN``, closes the store and
+    prints its counters as one JSON line.
+    """
+    settings = json.loads(argv[0])
+    Path(settings["ready"]).touch()
+    deadline = time.monotonic() + LIMIT
+    while not Path(settings["go"]).exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("no go")
+        time.sleep(0.001)
+    counters = trio.run(_store_process, settings)
+    print(json.dumps(counters), flush=True)
+
+
+async def _store_process(settings: dict[str, Any]) -> dict[str, int]:
+    store = UsageStore(
+        settings["database"],
+        schema=settings.get("schema"),
+        spill_dir=settings.get("spill_dir"),
+        queue_size=settings.get("queue_size", 1024),
+        submit_timeout=settings.get("submit_timeout", 1.0),
+        retry_interval=math.inf,
+    )
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            for i in range(settings.get("count", 0)):
+                await store.submit(make_record(f"{settings['prefix']}-{i:05}"))
+            await store.aclose()
+    names = ("written", "spilled", "dropped", "write_errors", "imported", "duplicates", "rejected")
+    return {name: getattr(store, name) for name in names} | {"pid": os.getpid()}
+
+
+async def run_store_processes(folder: Path, settings: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """Run one process per entry of ``settings`` (see :func:`store_process_main`), all
+    started together; return each one's counters. The caller bounds the wait."""
+    code = "import sys; from tests.test_usage_store import store_process_main as m; m(sys.argv[1:])"
+    go = folder / "go"
+    go.unlink(missing_ok=True)
+    results: list[dict[str, int]] = [{} for _ in settings]
+
+    async def one(index: int, ready: Path) -> None:
+        command = [
+            sys.executable,
+            "-c",
+            code,
+            json.dumps(settings[index] | {"ready": str(ready), "go": str(go)}),
+        ]
+        done = await trio.run_process(
+            command, cwd=REPOSITORY, capture_stdout=True, capture_stderr=True, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        results[index] = json.loads(done.stdout.splitlines()[-1])
+
+    readies = [folder / f"ready-{index}" for index in range(len(settings))]
+    async with trio.open_nursery() as nursery:
+        for index, ready in enumerate(readies):
+            ready.unlink(missing_ok=True)
+            nursery.start_soon(one, index, ready)
+        await eventually(lambda: all(ready.exists() for ready in readies))
+        go.touch()
+    return results
+
+
+async def eventually(condition: Callable[[], bool], interval: float = 0.01) -> None:
+    """Poll ``condition`` until it is true; the caller bounds the wait (``trio.fail_after``)."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(interval)
+
+
+def dead_pids(count: int) -> list[int]:
+    """Pids no process can have: above the kernel's pid_max."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return [pid_max + 1 + i for i in range(count)]
+
+
+def spill_lines(ids: Sequence[str]) -> bytes:
+    return spill.encode([record_to_row(make_record(request_id)) for request_id in ids])
+
+
+async def test_two_processes_write_one_file_and_every_record_lands_once(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        # A tiny queue that never waits: each process spills some of its records to a
+        # file of its own, while both write the database at the same time.
+        settings = [
+            {"database": str(path), "prefix": prefix, "count": 1500, "queue_size": 8,
+             "submit_timeout": 0}
+            for prefix in ("p1", "p2")
+        ]  # fmt: skip
+        first, second = await run_store_processes(tmp_path, settings)
+        spill_files = [name for name in file_names(tmp_path) if name.endswith(".jsonl")]
+        spilled = first["spilled"] + second["spilled"]
+        assert spill_files == sorted(
+            f"usage.db.spill.{result['pid']}.jsonl"
+            for result in (first, second)
+            if result["spilled"]
+        )
+        assert first["written"] + second["written"] + spilled == 3000
+        assert first["dropped"] == second["dropped"] == 0
+
+        # A store of this process imports both files: their processes have ended.
+        again = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(again, nursery)
+            await again.aclose()
+        assert (again.imported, again.duplicates, again.rejected) == (spilled, 0, 0)
+        ids = [row["request_id"] for row in read_rows(path)]
+        assert sorted(ids) == sorted(f"{p}-{i:05}" for p in ("p1", "p2") for i in range(1500))
+        assert [name for name in file_names(tmp_path) if ".spill." in name] == []
+
+
+def write_spill_files(tmp_path: Path, per_file: int) -> list[str]:
+    """Spill files of dead processes, the old single name, and an import left half done."""
+    ids: list[str] = []
+    names = [f"usage.db.spill.{pid}.jsonl" for pid in dead_pids(30)]
+    names += ["usage.db.spill.jsonl", "usage.db.spill.jsonl.importing"]
+    names += [f"usage.db.spill.{dead_pids(31)[-1]}.jsonl.importing.0123456789ab"]
+    for n, name in enumerate(names):
+        batch = [f"s{n:02}-{i:03}" for i in range(per_file)]
+        (tmp_path / name).write_bytes(spill_lines(batch))
+        ids += batch
+    return ids
+
+
+async def test_stores_starting_together_import_each_spilled_line_once(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        ids = write_spill_files(tmp_path, per_file=40)
+        settings = [{"database": str(path), "prefix": p, "count": 0} for p in ("a", "b", "c")]
+        results = await run_store_processes(tmp_path, settings)
+        assert sum(result["imported"] for result in results) == len(ids)
+        assert sum(result["duplicates"] for result in results) == 0  # no line imported twice
+        assert sorted(row["request_id"] for row in read_rows(path)) == sorted(ids)
+        assert [name for name in file_names(tmp_path) if ".spill." in name] == []
+
+
+async def test_two_stores_of_one_process_starting_together_import_each_line_once(
+    tmp_path: Path,
+):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        ids = write_spill_files(tmp_path, per_file=40)
+        stores = [UsageStore(path, batch_size=7), UsageStore(path, batch_size=5)]
+        async with trio.open_nursery() as nursery:
+            for store in stores:  # both database threads claim files at the same time
+                nursery.start_soon(store.run)
+            for store in stores:
+                await store.flush()
+            for store in stores:
+                await store.aclose()
+        assert sum(store.imported for store in stores) == len(ids)
+        assert sum(store.duplicates for store in stores) == 0
+        assert sorted(row["request_id"] for row in read_rows(path)) == sorted(ids)
+
+
+async def test_a_live_process_keeps_its_spill_file_and_ours_and_the_dead_are_imported(
+    tmp_path: Path,
+):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        [dead] = dead_pids(1)
+        live = tmp_path / "usage.db.spill.1.jsonl"  # pid 1 always runs
+        live.write_bytes(spill_lines(["live"]))
+        (tmp_path / f"usage.db.spill.{os.getpid()}.jsonl").write_bytes(spill_lines(["ours"]))
+        (tmp_path / f"usage.db.spill.{dead}.jsonl").write_bytes(spill_lines(["dead"]))
+        store = UsageStore(path)
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.aclose()
+        assert stored_ids(path) == ["dead", "ours"]
+        assert [name for name in file_names(tmp_path) if ".spill." in name] == [live.name]
+
+
+def test_an_append_never_lands_in_a_claimed_file(tmp_path: Path):
+    base = tmp_path / "usage.db"
+    path = spill.spill_path(base, os.getpid())
+    spill.append(path, spill_lines(["one"]))
+    claimed = spill.claim(path, claimed=False)
+    assert claimed is not None
+    assert claimed.path.name.startswith(f"{path.name}.importing.")
+    assert not path.exists()
+    spill.append(path, spill_lines(["two"]))  # the name is free: a new file
+    assert claimed.path.read_bytes() == spill_lines(["one"])
+    assert path.read_bytes() == spill_lines(["two"])
+    # While the claim holds its lock, nobody else can claim that file.
+    assert spill.claim(claimed.path, claimed=True) is None
+    claimed.release()
+    again = spill.claim(claimed.path, claimed=True)  # an import that stopped: taken over
+    assert again is not None
+    again.release()
+    assert spill.claim(tmp_path / "missing.jsonl", claimed=False) is None
+
+
+def test_a_claim_skips_a_file_being_appended_to(tmp_path: Path):
+    import fcntl
+
+    path = spill.spill_path(tmp_path / "usage.db", 12345)
+    spill.append(path, spill_lines(["one"]))
+    with path.open("ab") as appender:  # an append in progress holds the lock
+        fcntl.flock(appender.fileno(), fcntl.LOCK_EX)
+        assert spill.claim(path, claimed=False) is None
+    assert spill.claim(path, claimed=False) is not None
+
+
+async def test_spilled_records_are_imported_while_running(tmp_path: Path):
+    with trio.fail_after(LIMIT):
+        path = tmp_path / "usage.db"
+        store = GatedStore(path, retry_interval=0.05)
+        store.failures.append(sqlite3.OperationalError("database is locked"))
+        async with trio.open_nursery() as nursery:
+            await writing(store, nursery)
+            await store.submit(make_record("req-failed"))
+            await store.flush()
+            assert (store.write_errors, store.spilled) == (1, 1)
+            await eventually(lambda: store.imported == 1)  # the next pass, 0.05 s later
+            await store.aclose()
+        assert (store.imported, store.duplicates) == (1, 0)
+        assert stored_ids(path) == ["req-failed"]
+        assert [name for name in file_names(tmp_path) if ".spill." in name] == []

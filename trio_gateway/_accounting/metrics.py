@@ -1,4 +1,4 @@
-"""Prometheus metrics for one gateway, served as ``GET /metrics``. No I/O.
+"""Prometheus metrics for one gateway, served as ``GET /metrics``. No I/O (but see 6.).
 
 Theory of operation
 ===================
@@ -34,11 +34,34 @@ Theory of operation
    the known sets (from an untyped caller, say) is counted under
    ``"other"`` (for ``model``, when the configured names are given), so no
    client can grow the number of series.
+6. **Several worker processes, one gateway.** Under ``[server] workers > 1``
+   each worker has its own :class:`GatewayMetrics`, and any of them may
+   answer a scrape, so each must report the whole gateway.
+   :meth:`GatewayMetrics.share_across_processes` switches one to
+   prometheus_client's multiprocess mode, whose files the worker's parent
+   keeps in ``PROMETHEUS_MULTIPROC_DIR`` (set before the worker imported
+   the library, which makes every value a per-process file of its own).
+   The exposition then comes from a ``MultiProcessCollector`` over those
+   files: counters and histograms are summed over every worker that ever
+   ran (including dead ones, so totals survive a restart), and the two
+   live gauges are ``livesum``: the sum over the workers alive now (the
+   parent removes a dead worker's live files). Custom collectors cannot
+   work across processes, so in this mode the usage store's and the
+   rate-limit store's figures are not read at scrape time: each worker
+   copies its own into multiprocess metrics of the same names and types
+   (:meth:`GatewayMetrics.publish_figures`; a counter goes up by the
+   difference since the last copy, ``queued`` is a ``livesum`` gauge). The
+   worker that answers a scrape copies its own first; the others copy theirs
+   every second, so their store figures may be up to a second old. The
+   exposition in this mode reads one small file per worker and metric type
+   (the only I/O in this module), and counters carry no ``_created``
+   sample. With one process (the default) none of this applies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -51,6 +74,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord
@@ -110,11 +134,11 @@ class StoreHealth(Protocol):
 
     @property
     def write_errors(self) -> int:
-        """Failed database writes."""
+        """Failed database writes, imports and reconnects."""
 
     @property
     def imported(self) -> int:
-        """Spilled records imported into the database at a later start."""
+        """Spilled records imported by this process (at start and by the import passes)."""
 
     @property
     def duplicates(self) -> int:
@@ -192,10 +216,15 @@ class GatewayMetrics:
     ``models``, when given, is the set of configured public model names;
     a record naming any other model is counted under ``"other"``. Without
     it the public model name is used as is (the caller has validated it).
-    No method does I/O or is a checkpoint.
+    No method is a checkpoint; none does I/O, except :meth:`render` in
+    multiprocess mode, which reads the workers' small files.
     """
 
-    def __init__(self, models: Collection[str] | None = None) -> None:
+    def __init__(
+        self,
+        models: Collection[str] | None = None,
+        deployments: Collection[tuple[str, str]] | None = None,
+    ) -> None:
         self._models = frozenset(models) if models is not None else None
         self.registry = CollectorRegistry()
         r = self.registry
@@ -207,13 +236,18 @@ class GatewayMetrics:
             ("kind", "model", "status"),
             registry=r,
         )
+        # multiprocess_mode applies only in multiprocess mode (see 6. above).
         self._active_streams = Gauge(
-            PREFIX + "active_streams", "Event streams now being sent to clients.", registry=r
+            PREFIX + "active_streams",
+            "Event streams now being sent to clients.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self._open_exchanges = Gauge(
             PREFIX + "upstream_open_exchanges",
             "Upstream exchanges now open (request sent, answer not finished).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self._time_to_headers = Histogram(
             PREFIX + "time_to_headers_seconds",
@@ -277,6 +311,8 @@ class GatewayMetrics:
         r.register(self._store)
         self._limiter = _LimiterCollector()
         r.register(self._limiter)
+        self._init_deployments(r, deployments)
+        self._shared: _SharedFigures | None = None  # multiprocess mode only
 
     # -- the usage store -------------------------------------------------------------
 
@@ -391,15 +427,139 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    # -- routing: per deployment (docs/routing.md) --------------------------------------
+    #
+    # Labels: ``model`` (the public model whose deployment it is, a fallback's
+    # too) and ``upstream`` (the upstream's configured name). Both come from
+    # the configuration; with ``deployments`` given, a pair outside it is
+    # counted under ("other", "other"), so the series stay bounded.
+
+    def _init_deployments(
+        self, r: CollectorRegistry, deployments: Collection[tuple[str, str]] | None
+    ) -> None:
+        self._deployments = frozenset(deployments) if deployments is not None else None
+        labels = ("model", "upstream")
+        self._deployment_attempts = Counter(
+            PREFIX + "deployment_attempts",
+            "Upstream attempts, by public model and upstream (a retry is one more).",
+            labels,
+            registry=r,
+        )
+        self._deployment_failures = Counter(
+            PREFIX + "deployment_failures",
+            "Attempts that failed before the answer was committed, in a way a retry is for "
+            "(connect error, reset, first-byte timeout, 429/500/502/503/504/529).",
+            labels,
+            registry=r,
+        )
+        self._deployment_cooldowns = Counter(
+            PREFIX + "deployment_cooldowns",
+            "Cooldowns started: a deployment left out of choice after repeated failures.",
+            labels,
+            registry=r,
+        )
+
+    def _deployment_labels(self, model: str, upstream: str) -> tuple[str, str]:
+        known = self._deployments
+        if known is not None and (model, upstream) not in known:
+            return OTHER, OTHER
+        return model, upstream
+
+    def deployment_attempt(self, model: str, upstream: str) -> None:
+        """An attempt went to ``model``'s deployment on ``upstream``."""
+        self._child(self._deployment_attempts, *self._deployment_labels(model, upstream)).inc()
+
+    def deployment_failure(self, model: str, upstream: str) -> None:
+        """That attempt failed before its answer was committed (a retryable failure)."""
+        self._child(self._deployment_failures, *self._deployment_labels(model, upstream)).inc()
+
+    def deployment_cooldown(self, model: str, upstream: str) -> None:
+        """That failure started the deployment's cooldown."""
+        self._child(self._deployment_cooldowns, *self._deployment_labels(model, upstream)).inc()
+
     # -- exposition --------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body of every metric, and its content type.
 
         The Prometheus text format (``prometheus_client.CONTENT_TYPE_LATEST``);
-        the usage store's figures are read now.
+        the usage store's figures are read now. In multiprocess mode, the
+        figures of every worker, summed (see 6. in the module docstring).
         """
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        shared = self._shared
+        if shared is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        shared.publish(self._store.store, self._limiter.limiter)
+        return generate_latest(shared.exposition), CONTENT_TYPE_LATEST
+
+    # -- several worker processes ------------------------------------------------------
+
+    def share_across_processes(self, path: str) -> None:
+        """Report the whole gateway from now on: the sum over every worker's files in ``path``.
+
+        ``path`` must be ``PROMETHEUS_MULTIPROC_DIR``, set before this process
+        imported prometheus_client (else its values are not in files at all:
+        RuntimeError). See 6. in the module docstring. Call it once, before
+        serving.
+        """
+        if os.environ.get(_MULTIPROC_VARIABLE) != path:
+            raise RuntimeError(f"{_MULTIPROC_VARIABLE} must be {path!r} from the process's start")
+        self._shared = _SharedFigures(path)
+        self._shared.publish(self._store.store, self._limiter.limiter)
+
+    def publish_figures(self) -> None:
+        """Copy the usage store's and the limiter's figures into this worker's files.
+
+        Multiprocess mode only (else it does nothing). A worker calls it every
+        second and once more after its store has written everything, so the
+        other workers' scrapes see its figures.
+        """
+        if self._shared is not None:
+            self._shared.publish(self._store.store, self._limiter.limiter)
+
+
+_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _SharedFigures:
+    """The store's and the limiter's figures as multiprocess metrics, and the exposition.
+
+    The collectors above read objects in this process, which another
+    worker's scrape cannot reach. Here the same figures are written as
+    metrics whose values live in this process's files, under the same names
+    and types: counters go up by what their source gained since the last
+    copy; ``queued`` is set, as a ``livesum`` gauge. The store's metrics are
+    made on the first copy with a store, so without one they never appear.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.exposition = CollectorRegistry()
+        # prometheus_client leaves its multiprocess module untyped.
+        MultiProcessCollector(self.exposition, path=path)  # type: ignore[no-untyped-call]
+        self._unavailable = Counter(_LimiterCollector._NAME, _LimiterCollector._DOC, registry=None)
+        self._queued: Gauge | None = None
+        self._counters: dict[str, Counter] = {}
+        self._copied: dict[str, int] = {}
+
+    def publish(self, store: StoreHealth | None, limiter: object) -> None:
+        """Copy the figures now. Not a checkpoint."""
+        self._add("unavailable", self._unavailable, int(getattr(limiter, "unavailable", 0)))
+        if store is None:
+            return
+        if self._queued is None:
+            _, name, doc = _STORE_GAUGE
+            self._queued = Gauge(PREFIX + name, doc, registry=None, multiprocess_mode="livesum")
+            for attribute, name, doc in _STORE_COUNTERS:
+                self._counters[attribute] = Counter(PREFIX + name, doc, registry=None)
+        self._queued.set(int(store.queued))
+        for attribute, counter in self._counters.items():
+            self._add(attribute, counter, int(getattr(store, attribute)))
+
+    def _add(self, attribute: str, counter: Counter, value: int) -> None:
+        gained = value - self._copied.get(attribute, 0)
+        if gained > 0:
+            counter.inc(gained)
+            self._copied[attribute] = value
 
 
 def _status_label(status: int | None) -> str:

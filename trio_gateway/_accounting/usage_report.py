@@ -1,12 +1,20 @@
 """``trio-gateway usage``: who used what, from the usage database. No Trio.
 
 :func:`usage_report` reads the ``requests`` table that
-:class:`~trio_gateway._accounting.usage_store.UsageStore` writes. It opens
-the database read-only, so it is safe to run next to a live gateway (WAL
-mode lets readers and the writer work at the same time). It groups the requests that started
-in a window by client key or by public model. Percentiles are computed here
-in Python (nearest rank), not in SQL. Formatting is kept apart and is pure:
-:func:`format_table` for a person, :func:`format_json` for scripts.
+:class:`~trio_gateway._accounting.usage_store.UsageStore` writes, in a SQLite
+file or in PostgreSQL (``--database postgresql://...``). Reading is the only
+part that knows the database: one small function per database
+(:func:`_sqlite_rows`, :func:`_postgres_rows`) yields the same seven columns
+of the requests that started in the window, and everything after it is
+shared and pure, so both databases give the same report from the same
+records. Both read without writing: SQLite opens the file read-only (safe
+next to a live gateway: WAL mode lets readers and the writer work at the
+same time), PostgreSQL sets the session read-only. The requests are
+grouped by client key or by public model. Percentiles are computed here in
+Python (nearest rank), not in SQL, and costs are summed with
+:func:`math.fsum`, so no figure depends on the order the rows come in.
+Formatting is kept apart and is pure: :func:`format_table` for a person,
+:func:`format_json` for scripts.
 
 An *error* is a request that ended with an ``error_type`` (a failure, or a
 client that left) or whose HTTP status was 400 or more.
@@ -18,18 +26,21 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from trio_gateway._accounting.usage_db import is_database_url
 from trio_gateway._accounting.usage_rows import SCHEMA_VERSION
 
 __all__ = [
+    "By",
     "ReportError",
     "UsageRow",
     "add_usage_arguments",
@@ -45,6 +56,10 @@ By = Literal["key", "model"]
 _GROUP_COLUMN: dict[str, str] = {"key": "key_name", "model": "public_model"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SINCE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+#: What each reader yields per request: the group's name, status, error_type,
+#: input_tokens, output_tokens, cost and duration.
+_Source = tuple[str, int | None, str | None, int | None, int | None, float | None, float | None]
+_SOURCE_COLUMNS = "status, error_type, input_tokens, output_tokens, cost, duration"
 
 
 class ReportError(Exception):
@@ -96,31 +111,32 @@ class _Group:
     durations: list[float] | None = None
 
 
-def usage_report(db_path: str | Path, since_seconds: float, by: By, now: float) -> list[UsageRow]:
+def usage_report(
+    database: str | os.PathLike[str],
+    since_seconds: float,
+    by: By,
+    now: float,
+    *,
+    schema: str | None = None,
+) -> list[UsageRow]:
     """Requests that started in the last ``since_seconds`` before ``now`` (unix time), grouped.
 
-    Rows come most requests first, then by name. Raises :class:`ReportError`
-    if the database is missing or is not a usage database this code can read.
+    ``database`` is a SQLite file or a ``postgresql://`` URL (``schema``: the
+    schema its tables are in, PostgreSQL only). Rows come most requests
+    first, then by name. Raises :class:`ReportError` if the database is
+    missing, cannot be read, or is not a usage database this code can read.
     """
     column = _GROUP_COLUMN.get(by)
     if column is None:
         raise ValueError(f"by must be 'key' or 'model', got {by!r}")
-    path = Path(db_path)
-    if not path.is_file():
-        raise ReportError(f"no usage database at {path}")
-    try:
-        with contextlib.closing(
-            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        ) as conn:
-            _check_schema(conn, path)
-            cursor = conn.execute(
-                f"SELECT {column}, status, error_type, input_tokens, output_tokens, cost,"
-                " duration FROM requests WHERE started_wall >= ?",
-                (now - since_seconds,),
-            )
-            groups = _group(cursor)
-    except sqlite3.Error as exc:
-        raise ReportError(f"{path}: cannot read the usage database: {exc}") from exc
+    since = now - since_seconds
+    if is_database_url(database):
+        source = _postgres_rows(str(database), schema, column, since)
+    elif schema is not None:
+        raise ReportError("--schema is only for a PostgreSQL database (postgresql://...)")
+    else:
+        source = _sqlite_rows(Path(database), column, since)
+    groups = _group(source)
     rows = [
         UsageRow(
             name=name,
@@ -138,20 +154,66 @@ def usage_report(db_path: str | Path, since_seconds: float, by: By, now: float) 
     return rows
 
 
-def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+# --- reading: one function per database ---------------------------------------------
+
+
+def _sqlite_rows(path: Path, column: str, since: float) -> Iterator[_Source]:
+    """The window's requests from a SQLite file, opened read-only."""
+    if not path.is_file():
+        raise ReportError(f"no usage database at {path}")
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as conn:
+            _check_version(conn.execute("PRAGMA user_version").fetchone()[0], str(path))
+            yield from conn.execute(
+                f"SELECT {column}, {_SOURCE_COLUMNS} FROM requests WHERE started_wall >= ?",
+                (since,),
+            )
+    except sqlite3.Error as exc:
+        raise ReportError(f"{path}: cannot read the usage database: {exc}") from exc
+
+
+def _postgres_rows(url: str, schema: str | None, column: str, since: float) -> Iterator[_Source]:
+    """The window's requests from PostgreSQL, in a read-only session, streamed."""
+    # Imported only here: a report on a SQLite file never loads the PostgreSQL driver.
+    import psycopg
+
+    from trio_gateway._accounting.postgres_store import connect, describe, schema_version
+
+    try:
+        where = describe(url, schema)
+    except ValueError as exc:
+        raise ReportError(f"--database: {exc}") from None
+    try:
+        with connect(url, schema) as conn:
+            conn.execute("SET default_transaction_read_only = on")
+            _check_version(schema_version(conn) or 0, where)
+            yield from conn.cursor().stream(
+                f"SELECT {column}, {_SOURCE_COLUMNS} FROM requests WHERE started_wall >= %s",
+                (since,),
+            )
+    except psycopg.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ReportError(f"{where}: cannot read the usage database: {message}") from exc
+
+
+def _check_version(version: int, where: str) -> None:
     if version == 0:
-        raise ReportError(f"{path} is not a trio-gateway usage database")
+        raise ReportError(f"{where} is not a trio-gateway usage database")
     if version > SCHEMA_VERSION:
         raise ReportError(
-            f"{path} has schema version {version}, newer than this trio-gateway knows"
+            f"{where} has schema version {version}, newer than this trio-gateway knows"
             f" ({SCHEMA_VERSION}); upgrade trio-gateway"
         )
 
 
-def _group(cursor: sqlite3.Cursor) -> dict[str, _Group]:
+# --- grouping (pure) ------------------------------------------------------------------
+
+
+def _group(source: Iterable[_Source]) -> dict[str, _Group]:
     groups: dict[str, _Group] = {}
-    for name, status, error_type, input_tokens, output_tokens, cost, duration in cursor:
+    for name, status, error_type, input_tokens, output_tokens, cost, duration in source:
         group = groups.setdefault(name, _Group())
         group.requests += 1
         if error_type is not None or (status is not None and status >= 400):
@@ -277,8 +339,13 @@ def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database",
         default="usage.db",
-        metavar="PATH",
-        help="the usage database (default %(default)s)",
+        metavar="PATH_OR_URL",
+        help="the usage database: a SQLite file or a postgresql:// URL (default %(default)s)",
+    )
+    parser.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="PostgreSQL only: the schema of the tables ([accounting] schema)",
     )
 
 
@@ -289,7 +356,13 @@ def main_usage(args: argparse.Namespace, *, now: float | None = None) -> int:
     on stderr and status 2.
     """
     try:
-        rows = usage_report(args.database, args.since, args.by, time.time() if now is None else now)
+        rows = usage_report(
+            args.database,
+            args.since,
+            args.by,
+            time.time() if now is None else now,
+            schema=args.schema,
+        )
     except ReportError as exc:
         print(f"trio-gateway: usage: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,13 @@
-"""The usage database (the usage store): one row per finished request, in SQLite.
+"""The usage store: one row per finished request, in SQLite or PostgreSQL, written from Trio.
 
 The rows themselves (schema, row mapping, spill lines) are
-:mod:`~trio_gateway._accounting.usage_rows`; the spill file is
-:mod:`~trio_gateway._accounting.spill`. This module is the blocking
-database code, run on the database thread, and the Trio store around it.
+:mod:`~trio_gateway._accounting.usage_rows`; the spill files are
+:mod:`~trio_gateway._accounting.spill`; the database behind the store is a
+:class:`~trio_gateway._accounting.usage_db.UsageDatabase`
+(:mod:`~trio_gateway._accounting.sqlite_store` for a file,
+:mod:`~trio_gateway._accounting.postgres_store` for a ``postgresql://`` URL).
+This module is the Trio store around them, and the thread that owns the
+database.
 
 Theory of operation
 ===================
@@ -13,6 +17,8 @@ Theory of operation
     request tasks --submit()--> channel(queue_size) --> [writer task: run()] --jobs--> [db thread]
           |                                                   |                           |
           +--- queue still full after submit_timeout ---------+--- write error ----> spill file
+                                                              |                       (this pid's)
+                                        every retry_interval: +--- import pass <--- spill files
 
 1. **Request tasks own nothing here.** Each calls :meth:`UsageStore.submit`
    once, when its request ends, often from a task that is being cancelled
@@ -25,8 +31,10 @@ Theory of operation
    to ``batch_size`` records) and hands the batch to the database thread,
    which inserts it in one transaction. Only the writer task waits for that;
    the event loop keeps running. :meth:`UsageStore.flush` waits until every
-   record submitted so far is written (or spilled).
-3. **The database thread owns the sqlite connection** for its whole life: it
+   record submitted so far is written (or spilled). The writer also runs the
+   **import passes** (below), one chunk at a time between batches, so an
+   import never holds up new records for long.
+3. **The database thread owns the connection** for its whole life: it
    opens it, runs each job in order, and closes it. This thread is started by
    :meth:`UsageStore.run` and belongs to the store; it is not taken from a
    pool. ``:memory:`` databases therefore work (one connection, one thread),
@@ -47,25 +55,52 @@ When the database is slower than the traffic
 
 Nothing is silently dropped. The queue holds ``queue_size`` records. When it
 is full, ``submit`` waits for room at most ``submit_timeout`` seconds. After
-that it **spills** the record: it appends one JSON line to the spill file
-(``<database>.spill.jsonl``), synchronously, on the event loop. The line is
-a few hundred bytes, and the alternative is to hold the client. The next
-:meth:`UsageStore.run` imports the spill file before it takes new records.
-Records that a failed write (sqlite error, counted in ``write_errors`` and
-logged) or a cancelled writer leaves behind are spilled the same way. So the
-client never waits more than ``submit_timeout`` on accounting, and the
-database catches up at the next start.
+that it **spills** the record: it appends one JSON line to this process's
+spill file (``<base>.spill.<pid>.jsonl``), synchronously, on the event loop.
+The line is a few hundred bytes, and the alternative is to hold the client.
+Records that a failed write (counted in ``write_errors`` and logged) or a
+cancelled writer leaves behind are spilled the same way. So the client never
+waits more than ``submit_timeout`` on accounting.
 
 Spilling is better than the other two policies. Waiting without a bound
 would make the client stream wait on a disk. Counting drops would lose
 billing data exactly when traffic peaks. ``request_id`` is unique in the
 table, so a record written twice (a batch spilled after its commit had
-already begun) is stored once. The copy counts in ``duplicates``.
+already begun, a spill file imported again after an import was cut short)
+is stored once. The copy counts in ``duplicates``.
 
-The spill file belongs to one gateway process (one process per database).
-Appends are not fsynced: they survive a crash of the gateway, not of the
-machine. The file's own rules (its names, the claim by renaming, what is
-rejected) are in :mod:`~trio_gateway._accounting.spill`.
+Import passes: spilled records come back
+----------------------------------------
+
+:meth:`UsageStore.run` imports every spill file it may (below) before it
+reports started, and the writer runs a new **import pass** every
+``retry_interval`` seconds (30 by default) while it runs. A pass takes the
+files one by one, ``batch_size`` lines per transaction, between the
+writer's batches. A pass imports this process's own spill file, the files of
+processes that are no longer running (a worker that crashed or was scaled
+away), the old single ``<base>.spill.jsonl``, and any ``.importing`` file an
+import left behind; never the spill file of another live process, which that
+process imports itself. Several processes can run passes over the same files
+at the same moment: :func:`~trio_gateway._accounting.spill.claim` (a lock,
+then a rename) gives each file to exactly one of them, and ``request_id``
+keeps a file imported again after a crash from counting twice. A failed
+import step is counted in ``write_errors`` and logged; its file is kept for
+the next pass.
+
+When the database is down
+-------------------------
+
+A PostgreSQL server that cannot be reached (at start, or a connection lost
+while writing) is :class:`~trio_gateway._accounting.usage_db.DatabaseUnavailable`.
+The store then logs it once at ERROR, counts it in ``write_errors``, and
+**spills every batch at once**, without trying the database, until the next
+pass reconnects (every ``retry_interval``; each failed reconnect counts in
+``write_errors`` and logs a WARNING). A pass that reconnects logs a WARNING
+and imports everything spilled meanwhile. So an outage costs no request any
+time, loses no record, and ends on its own. ``run`` starts serving even if
+the server is down at start; a schema it cannot use
+(:class:`~trio_gateway._accounting.usage_db.SchemaError`) stops it instead.
+A SQLite file is never "unavailable": its errors are write errors.
 
 If the record cannot be spilled either (no spill file for ``:memory:``, or the
 file cannot be written), it is counted in ``dropped``, and its row is logged
@@ -74,24 +109,24 @@ at ERROR level as JSON, so even then it is not silent.
 The counters (plain ints, read by the metrics module): ``queued`` (the
 current queue length), ``written``, ``spilled``, ``dropped``,
 ``write_errors``, ``imported``, ``duplicates`` and ``rejected`` (spilled
-lines that could not be imported; they are kept in ``<spill>.rejected``).
+lines that could not be imported; they are kept in ``<base>.spill.jsonl.rejected``).
 
 Shutdown: :meth:`UsageStore.aclose` closes the send end, so any later
 ``submit`` spills. The writer then writes everything still queued, and
 ``aclose`` waits for it at most ``drain_timeout`` seconds. After that it
 cancels the writer, which spills what is left. ``aclose`` returns at most
 ``drain_timeout`` + 2 s after it was called: the 2 s are for closing the
-connection.
+connection. A file half imported at that moment keeps its ``.importing``
+name and is finished by the next pass, of this process or of another.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
+import os
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,87 +135,56 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from trio_gateway._accounting import spill
-from trio_gateway._accounting.usage_rows import INSERT, SCHEMA, SCHEMA_VERSION, Row, record_to_row
+from trio_gateway._accounting.sqlite_store import SQLiteDatabase, connect
+from trio_gateway._accounting.usage_db import (
+    DatabaseUnavailable,
+    SchemaError,
+    UsageDatabase,
+    UsageDatabaseError,
+    is_database_url,
+)
+from trio_gateway._accounting.usage_rows import Row, record_to_row
 from trio_gateway._core.record import RequestRecord
 
-__all__ = ["SchemaError", "UsageStore", "connect"]
+__all__ = [
+    "DatabaseUnavailable",
+    "SchemaError",
+    "UsageDatabaseError",
+    "UsageStore",
+    "connect",
+    "usage_database",
+]
 
 logger = logging.getLogger("trio_gateway.usage")
 
 T = TypeVar("T")
 
-_BUSY_TIMEOUT_MS = 5000  # how long a write waits for another process's lock
 _CLOSE_GRACE = 2.0  # seconds given to closing the connection at the end of run()
-# A row that fails for one of these would fail again: it is rejected, not retried.
-_BAD_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
 
 
-class SchemaError(Exception):
-    """The database is not one this version of trio-gateway can use."""
+def usage_database(
+    database: str | os.PathLike[str],
+    *,
+    schema: str | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
+) -> UsageDatabase:
+    """The database ``database`` names, not yet opened.
 
-
-# --- the database (blocking: runs on the database thread) ----------------------
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the usage database at ``path`` and bring it to :data:`SCHEMA_VERSION`.
-
-    Blocking. WAL mode (``:memory:`` has none), autocommit: callers write their
-    own ``BEGIN``/``COMMIT``. Raises :class:`SchemaError` for a database made
-    by a newer trio-gateway, or one with a ``requests`` table it did not make.
+    A ``postgresql://`` or ``postgres://`` URL is PostgreSQL: ``schema`` (if
+    given) is the schema its tables live in, and ``spill_dir`` (default: the
+    working directory) holds its spill files. Anything else is a SQLite file,
+    or ``":memory:"``; its spill files are beside it, or in ``spill_dir``.
+    ValueError if ``schema`` is given for SQLite, or the URL cannot be read.
     """
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: safe from crashes, cheap commits
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _migrate(conn, path)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    if is_database_url(database):
+        # Imported only here: a SQLite gateway never loads the PostgreSQL driver.
+        from trio_gateway._accounting.postgres_store import PostgresDatabase
 
-
-def _migrate(conn: sqlite3.Connection, path: str | Path) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"{path}: the usage database has schema version {version}, newer than this"
-            f" trio-gateway knows ({SCHEMA_VERSION}); upgrade trio-gateway or point"
-            " [accounting] database at another file"
-        )
-    if version == SCHEMA_VERSION:
-        return
-    found = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'requests'").fetchone()
-    if found[0]:
-        raise SchemaError(
-            f"{path}: has a 'requests' table but no schema version:"
-            " not a trio-gateway usage database"
-        )
-    # One statement at a time: executescript() would commit the open transaction.
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _insert(conn: sqlite3.Connection, rows: Sequence[Row]) -> int:
-    """Insert ``rows`` in one transaction; return how many were new (not duplicates)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        inserted = conn.executemany(INSERT, rows).rowcount
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return int(inserted)
+        folder = Path(spill_dir) if spill_dir is not None else Path.cwd()
+        return PostgresDatabase(str(database), schema=schema, spill_dir=folder)
+    if schema is not None:
+        raise ValueError("schema is only for a PostgreSQL database (postgresql://...)")
+    return SQLiteDatabase(database, spill_dir=None if spill_dir is None else Path(spill_dir))
 
 
 class _Job(Generic[T]):
@@ -223,34 +227,43 @@ class _Job(Generic[T]):
 class UsageStore:
     """The usage database, written from Trio. See the module docstring for how it works.
 
-    ``path`` is a file, or ``":memory:"`` (then there is no spill file, and a
-    record that would be spilled is counted in ``dropped`` and logged).
-    ``queue_size`` records wait in memory at most; the writer inserts up to
-    ``batch_size`` per transaction; ``submit`` waits at most
-    ``submit_timeout`` seconds for room; ``aclose`` gives the writer
-    ``drain_timeout`` seconds to write what is queued (``math.inf``: no limit).
+    ``database`` is a SQLite file, ``":memory:"`` (then there is no spill
+    file, and a record that would be spilled is counted in ``dropped`` and
+    logged), or a ``postgresql://`` URL; ``schema`` and ``spill_dir`` are
+    those of :func:`usage_database`. ``queue_size`` records wait in memory at
+    most; the writer inserts up to ``batch_size`` per transaction; ``submit``
+    waits at most ``submit_timeout`` seconds for room; ``aclose`` gives the
+    writer ``drain_timeout`` seconds to write what is queued (``math.inf``: no
+    limit). An import pass (and, in an outage, a reconnect) runs every
+    ``retry_interval`` seconds (``math.inf``: only at start).
     """
 
     def __init__(
         self,
-        path: str | Path,
+        database: str | os.PathLike[str],
         *,
+        schema: str | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
         queue_size: int = 1024,
         batch_size: int = 256,
         submit_timeout: float = 1.0,
         drain_timeout: float = 10.0,
+        retry_interval: float = 30.0,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
         for name, value in (("submit_timeout", submit_timeout), ("drain_timeout", drain_timeout)):
             if math.isnan(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        self.path = path
-        self.spill_path = spill.spill_path(path)
+        if not retry_interval > 0:
+            raise ValueError(f"retry_interval must be a number of seconds > 0: {retry_interval}")
+        self.path = database
+        self.database = usage_database(database, schema=schema, spill_dir=spill_dir)
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.submit_timeout = submit_timeout
         self.drain_timeout = drain_timeout
+        self.retry_interval = retry_interval
         # Counters, read by the metrics (``queued`` is a property).
         self.written = 0
         self.spilled = 0
@@ -262,12 +275,14 @@ class UsageStore:
 
         self._send, self._receive = trio.open_memory_channel[Row | trio.Event](queue_size)
         self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
-        self._conn: sqlite3.Connection | None = None  # only the database thread touches it
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = False  # run() was called
-        self._open = False  # the connection is open and no close was asked for
+        self._open = False  # the database thread runs and no close was asked for
         self._abandoned = False  # the writer gave up waiting for a job
+        self._unavailable = False  # an outage: batches are spilled without a try
+        self._next_pass = math.inf  # trio time of the next import pass (or reconnect)
+        self._pass: spill.ImportPass | None = None  # the import pass under way
         self._writer_scope = trio.CancelScope()  # aclose() cancels it when the drain runs out
         self._db_closed = trio.Event()
         self._finished = trio.Event()  # run() is over, or never will run
@@ -276,6 +291,17 @@ class UsageStore:
     def queued(self) -> int:
         """Records (and flush markers) waiting in the queue now."""
         return self._receive.statistics().current_buffer_used
+
+    @property
+    def spill_path(self) -> Path | None:
+        """This process's spill file (named after its pid); None for ``:memory:``."""
+        base = self.database.spill_base
+        return None if base is None else spill.spill_path(base, os.getpid())
+
+    @property
+    def unavailable(self) -> bool:
+        """The database could not be reached at the last try: records are being spilled."""
+        return self._unavailable
 
     # --- request side ---------------------------------------------------------
 
@@ -329,28 +355,32 @@ class UsageStore:
             return
         await marker.wait()
 
-    async def call_on_connection(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call_on_connection(self, fn: Callable[[Any], T]) -> T:
         """Return ``fn(connection)``, called on the database thread after the jobs before it.
 
-        For reading the store's own database, which a ``:memory:`` database
-        requires. ``fn`` blocks that thread, and so the writer: keep it short.
-        A checkpoint. Cancelling it stops the wait, not ``fn``.
+        ``connection`` is the driver's (``sqlite3.Connection`` or
+        ``psycopg.Connection``). For reading the store's own database, which a
+        ``:memory:`` database requires. ``fn`` blocks that thread, and so the
+        writer: keep it short. A checkpoint. Cancelling it stops the wait, not ``fn``.
         """
         if not self._open:
             raise RuntimeError("the usage store is not running")
-        return await self._call(lambda: fn(self._connection()))
+        return await self._call(lambda: fn(self.database.connection))
 
     # --- the writer -----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer task: open the database, import the spill file, write until closed.
+        """The writer task: open the database, import spill files, write until closed.
 
         A checkpoint. Call it once, in a nursery that outlives the requests.
-        With ``nursery.start`` it reports started once the database is open and
-        the spill file imported, or raises :class:`SchemaError` (or a
-        ``sqlite3.Error``) if the database cannot be used, having spilled
-        anything already queued. Returns after :meth:`aclose` once every
-        queued record is written or spilled (at once if ``aclose`` came first).
+        With ``nursery.start`` it reports started once the database is open
+        and the spill files imported (or the server found down: then it
+        serves in an outage, above). It raises
+        :class:`~trio_gateway._accounting.usage_db.UsageDatabaseError` (a
+        :class:`SchemaError` among them) or a ``sqlite3.Error`` if the
+        database cannot be used, having spilled anything already queued.
+        Returns after :meth:`aclose` once every queued record is written or
+        spilled (at once if ``aclose`` came first).
 
         Cancellation leaves nothing behind: the batch in flight and everything
         queued are spilled, and later submits spill. The database thread
@@ -370,13 +400,12 @@ class UsageStore:
             target=self._serve_jobs, name="trio-gateway usage database", daemon=True
         )
         self._thread.start()
+        self._open = True
         try:
             with self._receive:
                 try:
                     with self._writer_scope:
-                        await self._call(self._open_database)
-                        self._open = True
-                        await self._import_spill()
+                        await self._start()
                         task_status.started()
                         await self._write_until_closed()
                 finally:
@@ -410,56 +439,102 @@ class UsageStore:
                 self._writer_scope.cancel("usage store drain timed out")
         await self._finished.wait()
 
+    async def _start(self) -> None:
+        """Open the database (or note it is down), then import what earlier runs spilled.
+
+        A checkpoint. Raises what :meth:`UsageDatabase.open` raises, but
+        :class:`DatabaseUnavailable`, which starts an outage instead.
+        """
+        try:
+            await self._call(self._open_database)
+        except DatabaseUnavailable as exc:
+            self._enter_outage(exc)
+            return
+        self._next_pass = -math.inf
+        while self._next_pass == -math.inf or self._pass is not None:
+            await self._pass_step()
+
     async def _write_until_closed(self) -> None:
-        """Take what is queued, up to ``batch_size`` records, and write it; until closed.
+        """Write batches until closed; run an import step whenever one is due.
 
         A checkpoint. Cancellation: the batch in flight is spilled by
         :meth:`_write`; what is still queued stays there for the caller.
         """
         while True:
-            try:
-                item = await self._receive.receive()
-            except trio.EndOfChannel:
-                return
-            rows: list[Row] = []
-            markers: list[trio.Event] = []
-            while True:
-                if isinstance(item, trio.Event):
-                    markers.append(item)
-                else:
-                    rows.append(item)
-                if len(rows) >= self.batch_size:
-                    break
-                try:
-                    item = self._receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            rows, markers, closed = await self._take_batch()
             try:
                 if rows:
                     await self._write(rows)
             finally:
                 for marker in markers:
                     marker.set()
+            if closed:
+                return
+            if self._pass is not None or trio.current_time() >= self._next_pass:
+                await self._pass_step()
+
+    async def _take_batch(self) -> tuple[list[Row], list[trio.Event], bool]:
+        """Up to ``batch_size`` queued records, the flush markers among them, and whether
+        the channel is closed and empty.
+
+        Waits for the first record until the next pass is due; does not wait
+        at all while a pass is under way (its next step is due at once).
+        """
+        rows: list[Row] = []
+        markers: list[trio.Event] = []
+        item: Row | trio.Event
+        try:
+            if self._pass is not None:
+                item = self._receive.receive_nowait()
+            else:
+                with trio.move_on_at(self._next_pass) as waiting:
+                    item = await self._receive.receive()
+                if waiting.cancelled_caught:  # the pass came due first
+                    return rows, markers, False
+        except trio.WouldBlock:
+            return rows, markers, False
+        except trio.EndOfChannel:
+            return rows, markers, True
+        while True:
+            if isinstance(item, trio.Event):
+                markers.append(item)
+            else:
+                rows.append(item)
+            if len(rows) >= self.batch_size:
+                return rows, markers, False
+            try:
+                item = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):  # closed: the next take says so
+                return rows, markers, False
 
     async def _write(self, rows: list[Row]) -> None:
         """Write one batch on the database thread; on any failure spill it.
 
-        A checkpoint. Cancellation stops the wait and spills the batch; the
-        thread still finishes the transaction, so the batch may also be
-        committed: its re-import then counts the rows as duplicates.
+        A checkpoint. In an outage the batch is spilled at once. Cancellation
+        stops the wait and spills the batch; the thread still finishes the
+        transaction, so the batch may also be committed: its re-import then
+        counts the rows as duplicates.
         """
+        if self._unavailable:
+            self._spill(rows, "the database is unavailable", quiet=True)
+            return
         try:
             inserted = await self._call(lambda: self._write_batch(rows))
         except trio.Cancelled:
             self._spill(rows, "the usage writer was cancelled while writing them")
             raise
+        except DatabaseUnavailable as exc:
+            self._enter_outage(exc)
+            self._spill(rows, "the database is unavailable")
+            await self._drop_pass()
+            return
         except Exception as exc:
             self.write_errors += 1
             logger.error(
                 "usage database: writing %d record(s) failed: %r; spilling them",
                 len(rows),
                 exc,
-                exc_info=not isinstance(exc, sqlite3.Error),
+                exc_info=not isinstance(exc, self.database.errors),
             )
             self._spill(rows, "the database write failed")
             return
@@ -471,42 +546,102 @@ class UsageStore:
 
         Tests override it to make the database slow or failing.
         """
-        return _insert(self._connection(), rows)
+        return self.database.insert(rows)
 
-    async def _import_spill(self) -> None:
-        """Import what earlier runs spilled: first a file whose import was cut short, then the
-        spill file. A checkpoint. A failure is counted, logged, and leaves the file for the
-        next start. Cancellation stops the wait; the thread finishes the import.
+    # --- import passes and outages --------------------------------------------------
+
+    async def _pass_step(self) -> None:
+        """One step of the import pass that is due: reconnect first in an outage, then import
+        one chunk. When the pass ends (or fails) the next is due ``retry_interval`` later.
+
+        A checkpoint. A failure is counted and logged, never raised. Cancellation
+        stops the wait; the thread finishes the step, and the file stays claimed
+        until the thread ends.
         """
-        if self.spill_path is None:
-            return
-        importing = spill.importing_path(self.spill_path)
-        rejected_path = spill.rejected_path(self.spill_path)
-        for _ in range(2):
-            if not spill.claim(self.spill_path):
-                return
+        base = self.database.spill_base
+        if self._unavailable:
             try:
-                inserted, duplicates, rejected = await self._call(
-                    functools.partial(self._import_file, importing, rejected_path)
-                )
-            except Exception as exc:
+                await self._call(self._open_database)
+            except (DatabaseUnavailable, UsageDatabaseError) as exc:
                 self.write_errors += 1
-                logger.error("usage database: importing %s failed: %r; kept it", importing, exc)
-                return
-            self.imported += inserted
-            self.duplicates += duplicates
-            self.rejected += rejected
-            logger.info(
-                "usage database: imported %d spilled record(s) (%d already there)",
-                inserted,
-                duplicates,
-            )
-            if rejected:
-                logger.error(
-                    "usage database: %d spilled line(s) could not be imported; kept in %s",
-                    rejected,
-                    rejected_path,
+                self._schedule_pass()
+                logger.warning(
+                    "usage database: still unavailable (%s); retrying in %s s",
+                    exc,
+                    self.retry_interval,
                 )
+                return
+            self._unavailable = False
+            logger.warning(
+                "usage database: %s is reachable again; importing the spilled records",
+                self.database.where,
+            )
+        if base is None:
+            self._schedule_pass()
+            return
+        if self._pass is None:
+            self._pass = spill.ImportPass(
+                base, chunk=self.batch_size, refused=self.database.refused
+            )
+        current = self._pass
+        try:
+            step = await self._call(lambda: current.step(self.database.insert))
+        except DatabaseUnavailable as exc:
+            self._pass = None  # the step dropped its file
+            self._enter_outage(exc)
+            return
+        except Exception as exc:
+            self._pass = None
+            self.write_errors += 1
+            self._schedule_pass()
+            logger.error("usage database: importing spilled records failed: %r; kept the file", exc)
+            return
+        self.imported += step.inserted
+        self.duplicates += step.duplicates
+        self.rejected += step.rejected
+        if step.finished is not None:
+            self._log_import(step.finished)
+        if not step.more:
+            self._pass = None
+            self._schedule_pass()
+
+    def _log_import(self, result: spill.FileResult) -> None:
+        logger.info(
+            "usage database: imported %d spilled record(s) from %s (%d already there)",
+            result.inserted,
+            result.path.name,
+            result.duplicates,
+        )
+        if result.rejected:
+            assert self.database.spill_base is not None
+            logger.error(
+                "usage database: %d spilled line(s) could not be imported; kept in %s",
+                result.rejected,
+                spill.rejected_path(self.database.spill_base),
+            )
+
+    def _schedule_pass(self) -> None:
+        self._next_pass = trio.current_time() + self.retry_interval
+
+    def _enter_outage(self, exc: BaseException) -> None:
+        """The database is unreachable: spill every batch until a pass reconnects."""
+        self.write_errors += 1
+        self._unavailable = True
+        self._schedule_pass()
+        logger.error(
+            "usage database: %s; spilling records to %s and retrying every %s s",
+            exc,
+            self.spill_path,
+            self.retry_interval,
+        )
+
+    async def _drop_pass(self) -> None:
+        """Give up the pass under way (its file stays for a later pass). A checkpoint."""
+        current, self._pass = self._pass, None
+        if current is not None:
+            await self._call(current.abandon)
+
+    # --- spilling -------------------------------------------------------------------
 
     def _spill_queue(self, reason: str) -> None:
         """Spill everything still queued; release flush markers. Synchronous."""
@@ -522,26 +657,29 @@ class UsageStore:
                 rows.append(item)
         self._spill(rows, reason)
 
-    def _spill(self, rows: Sequence[Row], reason: str) -> None:
-        """Append ``rows`` to the spill file, or count them dropped and log them. Never raises.
+    def _spill(self, rows: Sequence[Row], reason: str, *, quiet: bool = False) -> None:
+        """Append ``rows`` to this process's spill file, or count them dropped and log them.
 
-        Blocking, on purpose: one small append, so the records are safe before
-        anyone returns.
+        Never raises. Blocking, on purpose: one small append, so the records
+        are safe before anyone returns. ``quiet``: log at DEBUG (an outage,
+        already logged once at ERROR), not WARNING.
         """
         if not rows:
             return
         lines = spill.encode(rows)
-        if self.spill_path is not None:
+        path = self.spill_path
+        if path is not None:
             try:
-                spill.append(self.spill_path, lines)
+                spill.append(path, lines)
             except OSError as exc:
-                reason = f"{reason}, and writing {self.spill_path} failed: {exc}"
+                reason = f"{reason}, and writing {path} failed: {exc}"
             else:
                 self.spilled += len(rows)
-                logger.warning(
+                logger.log(
+                    logging.DEBUG if quiet else logging.WARNING,
                     "usage database: %d record(s) spilled to %s: %s",
                     len(rows),
-                    self.spill_path,
+                    path,
                     reason,
                 )
                 return
@@ -593,24 +731,21 @@ class UsageStore:
             while (job := self._jobs.get()) is not None:
                 job.run()
         finally:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.close()
-                self._conn = None
+            if self._pass is not None:
+                self._pass.abandon()
+            self.database.close()
             assert self._token is not None
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._db_closed.set)
 
-    def _import_file(self, path: Path, rejected_path: Path) -> tuple[int, int, int]:
-        insert = functools.partial(_insert, self._connection())
-        return spill.import_file(
-            path, rejected_path, insert, chunk=self.batch_size, refused=_BAD_ROW_ERRORS
-        )
-
     def _open_database(self) -> None:
-        self._conn = connect(self.path)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("the usage database is not open")
-        return self._conn
+        """On the database thread: make the spill folder, then open the database."""
+        base = self.database.spill_base
+        if base is not None and not base.parent.is_dir():
+            try:
+                base.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageDatabaseError(
+                    f"cannot make the spill folder {base.parent}: {exc.strerror}"
+                ) from None
+        self.database.open()

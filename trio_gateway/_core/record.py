@@ -33,7 +33,8 @@ in this file (h11's "one module, one rule"):
    nobody until it is declared here. That is also the request log's
    allowlist: a record carries no key and no text, and whatever else it
    might carry is not in the list.
-4. The usage database's schema version 1 is this list in this order.
+4. The usage database's schema version 1 is this list in this order, up to
+   ``error_type``; version 2 appended ``attempts`` and ``failed_attempts``.
    Changing a name, a type, the order or the nullability changes the schema:
    it needs a new ``SCHEMA_VERSION`` and a migration.
 """
@@ -110,6 +111,10 @@ class RequestRecord:
     bytes_to_client: int = 0
     cancelled: bool = False  # the client disconnected before the end
     error_type: FailureType | None = None  # None for a clean end
+    # Routing (docs/routing.md): upstream and upstream_model above name the
+    # deployment that answered (or the last one tried).
+    attempts: int = 1  # upstream attempts made (0: none could be, every deployment cooling)
+    failed_attempts: str | None = None  # "upstream:error_type[:status];...", None: none failed
 
     @property
     def duration(self) -> float | None:
@@ -301,6 +306,9 @@ FIELDS: Final[tuple[Field, ...]] = (
     Field("bytes_to_client", INTEGER, not_null=True),
     Field("cancelled", FLAG, not_null=True, note="0 or 1: the client left first"),
     Field("error_type", FAILURE, note="NULL for a clean end"),
+    # Schema version 2: appended, so a version-1 database gains them by ALTER TABLE.
+    Field("attempts", INTEGER, note="upstream attempts; NULL in rows from before version 2"),
+    Field("failed_attempts", TEXT, note="upstream:error_type[:status] of each, ;-separated"),
 )
 
 #: Attributes of RequestRecord that no field is read back into: the start on

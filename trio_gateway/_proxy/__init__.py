@@ -3,6 +3,7 @@
 ``asgi`` (scope and send helpers, headers parsed once) → ``checks`` (auth,
 route, body, validation) → ``upstream`` (the httpx boundary and its one error
 map) → ``pipeline`` (a stream) or ``upstream.read_whole_body`` (a JSON answer)
-→ ``exchange`` (one answer, filling the usage record) → ``app`` (the
+→ ``router`` (the attempts before the first byte: deployments, retries,
+fallbacks) → ``exchange`` (one answer, filling the usage record) → ``app`` (the
 ``Gateway``: routing, lifespan, drain).
 """

@@ -7,15 +7,17 @@ Each proxied request is handled in the task hypercorn gives it:
 
 1. Checks that need no upstream happen first (:mod:`~trio_gateway._proxy.checks`),
    each answered in the endpoint's own error shape.
-2. The upstream request is built afresh (:mod:`~trio_gateway._proxy.upstream`)
-   and a :class:`~trio_gateway._core.record.RequestRecord` is opened.
+2. A :class:`~trio_gateway._core.record.RequestRecord` is opened. The rate
+   limits were charged once, whatever the number of attempts that follow.
 3. The exchange (:mod:`~trio_gateway._proxy.exchange`) runs in a nursery
    beside a **disconnect watcher** blocked on ASGI ``receive()``. Hypercorn
    reports a client that left as ``http.disconnect`` but does not cancel the
    app, so the watcher cancels the nursery (reason "client disconnected");
    everything upstream-side unwinds and the upstream socket closes. When the
    exchange ends first, the request task cancels the watcher (reason
-   "response finished").
+   "response finished"). The exchange builds each attempt's upstream
+   request and tries the model's deployments and fallbacks
+   (:class:`~trio_gateway._proxy.router.Router`, docs/routing.md).
 4. However the request ended, :meth:`Gateway._account` finishes the record
    and hands it to the metrics, the request log and the usage store, in a
    shielded and bounded scope.
@@ -28,6 +30,7 @@ a 503 before the upstream's headers, the kind's error event in a stream.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,7 +44,7 @@ from trio_gateway._accounting.limiter import MemoryRateLimiter, RateLimiter
 from trio_gateway._accounting.metrics import GatewayMetrics
 from trio_gateway._accounting.usage_store import UsageStore
 from trio_gateway._core.buckets import tokens_charged
-from trio_gateway._core.config import GatewayConfig, KeyEntry, ModelRoute
+from trio_gateway._core.config import GatewayConfig, KeyEntry
 from trio_gateway._core.kinds import Failure, FailureType, Kind, error_body
 from trio_gateway._core.record import RecordSink, RequestRecord
 from trio_gateway._proxy.asgi import (
@@ -54,8 +57,16 @@ from trio_gateway._proxy.asgi import (
     send_raw,
     watch_disconnect,
 )
-from trio_gateway._proxy.checks import RequestError, admit, authenticate, prepare, require_method
+from trio_gateway._proxy.checks import (
+    Prepared,
+    RequestError,
+    admit,
+    authenticate,
+    prepare,
+    require_method,
+)
 from trio_gateway._proxy.exchange import Exchanger
+from trio_gateway._proxy.router import Router
 from trio_gateway._proxy.upstream import ExchangeControl, Upstreams
 
 __all__ = ["Gateway"]
@@ -66,7 +77,11 @@ _ACCOUNTING_GRACE = 5.0  # seconds the accounting step of one request may take
 
 
 class Gateway:
-    """The ASGI app. ``transport`` replaces the upstream network in tests."""
+    """The ASGI app. ``transport`` replaces the upstream network in tests.
+
+    ``rng`` is the random source of the weighted choice among a model's
+    deployments; a seeded ``random.Random`` makes that choice repeatable.
+    """
 
     def __init__(
         self,
@@ -77,10 +92,14 @@ class Gateway:
         store: UsageStore | None = None,
         request_log: RequestLogger | None = None,
         limiter: RateLimiter | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.upstreams = Upstreams(config, transport=transport)
-        self.metrics = GatewayMetrics(models=config.models)
+        deployments = {
+            (name, d.upstream) for name, route in config.models.items() for d in route.deployments
+        }
+        self.metrics = GatewayMetrics(models=config.models, deployments=deployments)
         self.store = store
         self.request_log = request_log
         self.limiter: RateLimiter = limiter or MemoryRateLimiter()
@@ -93,7 +112,8 @@ class Gateway:
         self._stopping: Failure | None = None  # set once drain's grace has run out
         self._grace = trio.CancelScope()  # drain's wait; end_grace cancels it
         self._models_body = _models_body(list(config.models))
-        self._exchanger = Exchanger(config, self.upstreams, self.metrics)
+        self.router = Router(config, rng)
+        self._exchanger = Exchanger(config, self.upstreams, self.metrics, self.router)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -196,16 +216,8 @@ class Gateway:
         headers = RequestHeaders.parse(scope["headers"])
         key = authenticate(self.config, headers)
         prepared = await prepare(self.config, kind, headers, receive, key)
-        await admit(self.limiter, key)
+        await admit(self.limiter, key)  # once per client request, however many attempts
         route = prepared.route
-        request = self.upstreams.build_request(
-            self.config.upstreams[route.upstream],
-            kind,
-            prepared.body,
-            content_type=prepared.content_type,
-            stream=prepared.stream,
-            forwarded=headers.forwarded,
-        )
         record = RequestRecord(
             request_id=request_id,
             kind=kind,
@@ -221,7 +233,7 @@ class Gateway:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope, response)
-                await self._exchange(kind, route, request, response.send, record)
+                await self._exchange(kind, prepared, headers.forwarded, response.send, record)
                 nursery.cancel_scope.cancel(reason="response finished")
         finally:
             record.cancelled = response.client_left
@@ -250,8 +262,8 @@ class Gateway:
     async def _exchange(
         self,
         kind: Kind,
-        route: ModelRoute,
-        request: httpx.Request,
+        prepared: Prepared,
+        forwarded: list[tuple[bytes, bytes]],
         send: Send,
         record: RequestRecord,
     ) -> None:
@@ -266,7 +278,7 @@ class Gateway:
         self._open_exchanges.add(control)
         try:
             with self.metrics.open_exchange():
-                await self._exchanger.run(kind, route, request, send, record, control)
+                await self._exchanger.run(kind, prepared, forwarded, send, record, control)
         finally:
             self._open_exchanges.discard(control)
             self._exchanges_changed.set()

@@ -259,19 +259,27 @@ class Upstreams:
         )
 
     async def open(
-        self, upstream: Upstream, request: httpx.Request, control: ExchangeControl
+        self,
+        upstream: Upstream,
+        request: httpx.Request,
+        control: ExchangeControl,
+        *,
+        deadline: float | None = None,
     ) -> httpx.Response:
         """Send ``request`` and return once response headers arrive; the body streams later.
 
         A checkpoint. Raises :class:`UpstreamError` on failure, including the
         first-byte timeout and a stop through ``control``. Cancellation closes
         the half-made connection. The caller owns the response and must
-        :func:`close_response` it.
+        :func:`close_response` it. ``deadline`` (on the Trio clock) replaces
+        now + ``first_byte``: the one deadline of a request's attempts.
         """
         first_byte = self._config.timeouts.first_byte
+        if deadline is None:
+            deadline = trio.current_time() + first_byte
         client = self._clients[upstream.name]
         with (
-            trio.move_on_after(first_byte) as waited,
+            trio.move_on_at(deadline) as waited,
             control.guarded(waited),
             upstream_errors("request"),
         ):

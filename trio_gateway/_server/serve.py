@@ -38,6 +38,11 @@ SIGTERM) or, in tests, by a trigger:
 The signal receiver is installed for the whole of :func:`serve`, so a signal
 during the drain is never the default action before the third. (Signals
 that arrive together, before the gateway has seen the first, count once.)
+
+A worker process (:mod:`~trio_gateway._server.workers`) runs this same
+:func:`serve` on the listening socket its parent made, with one more way
+into the first step: ``drain_trigger``, which returns when the parent has
+gone.
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from trio_gateway._core.config import GatewayConfig
 from trio_gateway._proxy.app import Gateway
 from trio_gateway._server.hypercorn_private import Config, install_protocol
 
-__all__ = ["hypercorn_config", "serve"]
+__all__ = ["hypercorn_config", "hypercorn_settings", "serve"]
 
 # Time hypercorn allows past the gateway's own shutdown grace, for the error
 # events of stopped streams to reach their clients.
@@ -71,9 +77,20 @@ def hypercorn_config(gateway: Gateway, bind: str) -> HypercornConfig:
     Also installs the gateway's HTTP/1.1 protocol, which connections with
     these settings run (see :func:`~trio_gateway._server.hypercorn_private.install_protocol`).
     """
+    return hypercorn_settings(gateway.config, bind)
+
+
+def hypercorn_settings(gateway_config: GatewayConfig, bind: str) -> HypercornConfig:
+    """Hypercorn settings for a gateway configured by ``gateway_config``, listening on ``bind``.
+
+    ``bind`` is HOST:PORT, or ``fd://N`` for a listening socket already open
+    as file descriptor N. Installs the gateway's HTTP/1.1 protocol, as
+    :func:`hypercorn_config` does; its ``create_sockets`` gives the
+    listening sockets their ``TCP_USER_TIMEOUT``.
+    """
     install_protocol()
     config = Config()
-    timeouts = gateway.config.timeouts
+    timeouts = gateway_config.timeouts
     stall = timeouts.client_stall
     config.stall_ms = None if math.isinf(stall) else max(1, round(stall * 1000))
     # Started when a connection opens or a response ends, stopped only when a
@@ -119,6 +136,17 @@ class _ShutdownSignals:
             await self._changed.wait()
         await trio.lowlevel.checkpoint()
 
+    async def first_step_after(self, trigger: Trigger) -> None:
+        """Once ``trigger`` returns, take the first step if no signal has. A checkpoint.
+
+        It never takes a later step: a drain already under way goes on as it was.
+        """
+        await trigger()
+        if self.received == 0:
+            self.received = 1
+            self._changed.set()
+            self._changed = trio.Event()
+
 
 async def serve(
     gateway: Gateway,
@@ -126,6 +154,7 @@ async def serve(
     *,
     shutdown_trigger: Trigger | None = None,
     end_grace_trigger: Trigger | None = None,
+    drain_trigger: Trigger | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``gateway`` until ``shutdown_trigger`` returns, then drain and stop.
@@ -140,6 +169,11 @@ async def serve(
     signal ends the process at once (see the module docstring); with one,
     signals are left alone.
 
+    ``drain_trigger`` (signals only) is one more way into the first step:
+    when it returns, the drain starts as on a first signal, unless a signal
+    came first; the later steps still take signals. A worker process passes
+    one that returns when its parent has gone.
+
     Must run in the main thread when it receives signals (trio's rule).
     """
     if shutdown_trigger is not None:
@@ -149,6 +183,8 @@ async def serve(
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as receiver:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(signals.receive, receiver)
+            if drain_trigger is not None:
+                nursery.start_soon(signals.first_step_after, drain_trigger)
             await _serve(
                 gateway,
                 bind,
