@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scenarios",
         nargs="*",
         metavar="SCENARIO",
-        help=f"scenarios to run: {', '.join(SCENARIOS)} (default: all but chaos, limits,"
+        help=f"scenarios to run: {', '.join(SCENARIOS)} (default: all but chaos, limits, workers,"
         " chaos-sigterm and soak)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (default 3)")

@@ -600,7 +600,7 @@ DEFAULT_SCENARIOS = (
     "kinds",
 )
 """The scenarios run when none is named: the performance ones."""
-SCENARIOS = (*DEFAULT_SCENARIOS, "chaos", "chaos-sigterm", "soak", "limits")
+SCENARIOS = (*DEFAULT_SCENARIOS, "chaos", "chaos-sigterm", "soak", "limits", "workers")
 
 
 def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[str, Scenario]:
@@ -613,6 +613,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
     from bench._chaos import Chaos, ChaosSigterm
     from bench._limits import Limits
     from bench._soak import Soak
+    from bench._workers import Workers
 
     if not quick:
         full: list[Scenario] = [
@@ -629,6 +630,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
             ChaosSigterm(seed=seed),
             Soak(seed=seed),
             Limits(),
+            Workers(),
         ]
         return {s.name: _sized(s, requests) for s in full}
     small: list[Scenario] = [
@@ -645,6 +647,7 @@ def scenarios(quick: bool, seed: int = 0, requests: int | None = None) -> dict[s
         ChaosSigterm(seed=seed, requests=200),
         Soak(seed=seed, requests=1000, samples=10),
         Limits(admits=200),
+        Workers(burst_streams=40, trickle_streams=40),
     ]
     return {s.name: _sized(s, requests) for s in small}
 

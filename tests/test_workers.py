@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -510,7 +511,8 @@ async def test_the_parent_gives_up_after_five_failures_in_a_row(
 async def test_workers_drain_when_the_parent_is_killed(tmp_path: Path, nursery: trio.Nursery):
     """kill -9 of the parent: each worker sees its control socket close, drains as on a
     first signal (a 1 s grace here), ends its open streams with their error events,
-    writes their records, and exits."""
+    writes their records, and exits. The metrics folder is left behind (nothing can
+    remove it after kill -9): the test removes it."""
     mock = MockUpstream(Script(tokens=10_000, pace=0.05), api_key=UPSTREAM_KEY)
     await nursery.start(mock.serve)
     with trio.fail_after(TIME_LIMIT):
@@ -520,6 +522,7 @@ async def test_workers_drain_when_the_parent_is_killed(tmp_path: Path, nursery: 
             trio.open_nursery() as clients,
         ):
             workers = worker_pids(served.process.pid)
+            left_behind = metrics_dir(next(iter(workers)))
             streams = await streams_in_every_worker(clients, client, served.url, workers, 1)
             served.process.kill()
             await served.process.wait()
@@ -528,6 +531,8 @@ async def test_workers_drain_when_the_parent_is_killed(tmp_path: Path, nursery: 
             # The workers hold the parent's stderr pipe: it closes when the last one exits.
             await served.stderr_closed.wait()
     assert not any(alive(pid) for pid in workers)
+    assert left_behind.exists()
+    shutil.rmtree(left_behind)
     assert bytes(served.stderr).count(b"the parent process has gone; shutting down") == 2
     for stream in streams:
         assert_ends_with_the_shutdown_error(stream.kind, stream.events)
