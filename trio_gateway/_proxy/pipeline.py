@@ -3,11 +3,13 @@
 Theory of operation
 ===================
 
-One streamed answer runs in one nursery with two tasks joined by one
-zero-buffer memory channel::
+One streamed answer runs in one nursery: a reader task and the writer
+joined by one zero-buffer memory channel, and a watchdog that times them::
 
     upstream --aiter_raw--> [reader task] --channel(0)--> [writer] --ASGI send--> client
-                                                           rewriter (pure, inline)
+                                  ^                      ^   rewriter (pure, inline)
+                                  +---- [watchdog] ------+
+                       cancels the reader's scope   hands the writer the keepalive word
 
 1. **The reader task owns the upstream response and the channel's send end.**
    It reads one chunk at a time (whatever one upstream read produced), hands
@@ -21,7 +23,7 @@ zero-buffer memory channel::
    every way out (shielded, bounded): that socket closing is what makes a
    provider stop generating and billing.
 2. **The writer (the request's own task) owns the receive end.** It feeds each
-   chunk to the :class:`~trio_gateway._rewrite.StreamRewriter` inline (pure
+   chunk to the :class:`~trio_gateway._rewrite.base.StreamRewriter` inline (pure
    CPU work; a task of its own would add a switch per chunk and overlap
    nothing) and sends the whole items that come out, those of several chunks
    in one send when the reader can hand them over without a network read.
@@ -29,7 +31,7 @@ zero-buffer memory channel::
    after ``keepalive`` seconds without a chunk can never split an event.
 3. **Failures travel as data.** An upstream error after headers (reset,
    truncation, idle timeout, shutdown) is caught at the boundary in the reader
-   and handed over as a :class:`~trio_gateway._kinds.Failure`. The writer
+   and handed over as a :class:`~trio_gateway._core.kinds.Failure`. The writer
    turns it into the kind's error event, so a failure is never mistaken for a
    clean end and a ``[DONE]`` never follows it.
 4. **The upstream closes before the ending goes out.** The last bytes (the
@@ -48,10 +50,19 @@ zero-buffer memory channel::
      if it leaves, the send fails and nothing more is sent (see
      docs/cancellation.md).
    * Idle timeout and shutdown cancel the reader's one timer scope (in a
-     read or a hand-over; shutdown through
-     :class:`~trio_gateway._upstream.ExchangeControl`), never the reader
-     itself, so it can still close the upstream and hand the failure over.
-   * A rewrite error in the writer cancels the reader with a reason.
+     read or a hand-over; idle and stall by the watchdog, shutdown through
+     :class:`~trio_gateway._proxy.upstream.ExchangeControl`), never the
+     reader itself, so it can still close the upstream and hand the failure
+     over.
+   * When the writer returns, ``stream_events`` cancels the reader and the
+     watchdog with a reason.
+
+6. **Timers without deadline moves.** The reader and the writer only stamp
+   when each wait began (:class:`_Clocks`); the watchdog (:func:`_watch`),
+   one task per stream, sleeps until the earliest deadline those stamps give
+   and acts then. It owns no channel end: it cancels the reader's scope, or
+   hands a waiting writer the keepalive word with ``send_nowait`` on the
+   reader's send end, which never blocks.
 """
 
 from __future__ import annotations
