@@ -105,12 +105,14 @@ class Goal:
     at_most: bool
     limit: float
     unit: str
+    contender: str = "gateway"
+    """Whose figures: the workers scenario runs its gateways under ``direct``."""
 
     def value(self, runs: Runs) -> float | None:
         """The measured value, or None when it could not be measured."""
         if self.base is None:
             values = [
-                v for run in runs if (v := run.get("gateway", {}).get(self.metric)) is not None
+                v for run in runs if (v := run.get(self.contender, {}).get(self.metric)) is not None
             ]
             return statistics.median(values) if values else None
         combine = _difference if self.difference else _ratio
@@ -133,6 +135,9 @@ TARGETS = (
          difference=True, at_most=True, limit=500.0, unit="us"),
     Goal("burst streams per second, gateway / bare (issue 14)", "burst", "streams_per_s",
          "bare", difference=False, at_most=False, limit=0.9, unit="x"),
+    # Issue 13: a second worker on this 2-core machine.
+    Goal("workers: burst streams per second, 2 workers / 1", "workers", "burst_speedup", None,
+         difference=False, at_most=False, limit=1.4, unit="x", contender="direct"),
     Goal("added TTFB p99 at concurrency 64, gateway - direct", "ttfb", "c64_ttfb_p99_ms",
          "direct", difference=True, at_most=True, limit=5.0, unit="ms"),
     Goal("idle-streams RSS per open stream", "idle-streams", "rss_per_stream_kib", None,

@@ -199,12 +199,17 @@ async def gateway(
     config.write_text(text.replace("[server]\n", f"[server]\nworkers = {workers}\n", 1))
     argv = [sys.executable, "-m", "trio_gateway", "serve", "--config", str(config)]
     env = bench_env() | {_UPSTREAM_KEY_ENV: "bench-upstream-key"}
-    name = f"gateway-{workers}w"
+    # The log is appended to, so its name must be new for every gateway: a
+    # "listening on" from an earlier one would be taken for this one's.
+    name = f"gateway-{workers}w-{port}"
     async with running(name, argv, port, workdir, env=env) as server:
         with trio.fail_after(_READY_LIMIT):
             await _listening(trio.Path(server.log))
         parent = server.process.pid
-        yield port, [parent, *_children(parent)]
+        children = _children(parent) if workers > 1 else []
+        if len(children) != (workers if workers > 1 else 0):
+            raise RuntimeError(f"{name}: expected {workers} workers, found pids {children}")
+        yield port, [parent, *children]
 
 
 async def _listening(log: trio.Path) -> None:

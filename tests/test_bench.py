@@ -88,7 +88,7 @@ def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:
     assert found
     assert all(pstats.Stats(str(p)).total_calls > 0 for p in found)  # type: ignore[attr-defined]
     targets = {t["target"]: t["status"] for t in result["targets"]}
-    assert len(targets) == 20
+    assert len(targets) == 21
     assert set(targets.values()) <= {"met", "missed", "not measured"}
     assert targets["burst streams per second, gateway / bare"] == "not measured"
 

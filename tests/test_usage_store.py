@@ -506,6 +506,8 @@ def test_settings_are_checked():
         UsageStore(":memory:", submit_timeout=-1)
     with pytest.raises(ValueError, match="drain_timeout"):
         UsageStore(":memory:", drain_timeout=math.nan)
+    with pytest.raises(ValueError, match="gather_seconds"):
+        UsageStore(":memory:", gather_seconds=-0.1)
 
 
 # --- batching and flushing -------------------------------------------------------------
@@ -656,7 +658,7 @@ async def test_submit_from_a_cancelled_task_still_queues(tmp_path: Path):
 async def test_cancelled_writer_spills_batch_in_flight_and_queue(tmp_path: Path):
     with trio.fail_after(LIMIT):
         path = tmp_path / "usage.db"
-        store = GatedStore(path)
+        store = GatedStore(path, gather_seconds=0)  # the writer goes straight to the insert
         store.gate.clear()
         async with trio.open_nursery() as nursery:
             await writing(store, nursery)
@@ -680,6 +682,86 @@ async def test_cancelled_writer_spills_batch_in_flight_and_queue(tmp_path: Path)
         assert stored_ids(path) == ["req-after", "req-in-flight", "req-queued"]
 
 
+class TimedStore(UsageStore):
+    """A store that notes, on the Trio side, when each batch went to the database."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[tuple[float, list[str]]] = []
+
+    async def _write(self, rows: list[Row]) -> None:
+        self.writes.append((trio.current_time(), [str(row[0]) for row in rows]))
+        await super()._write(rows)
+
+
+async def test_writer_gathers_records_into_one_transaction(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    path = tmp_path / "usage.db"
+    store = TimedStore(path, gather_seconds=0.05)
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        first = trio.current_time()
+        await store.submit(make_record("req-1"))
+        await trio.sleep(0.03)
+        await store.submit(make_record("req-2"))
+        await trio.sleep(0.0199)
+        await store.submit(make_record("req-3"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.writes == []  # still gathering: 0.05 s after the first has not passed
+        await trio.sleep(0.0002)
+        assert store.writes == [(first + 0.05, ["req-1", "req-2", "req-3"])]
+        fourth = trio.current_time()
+        await store.submit(make_record("req-4"))  # the next record starts a new gathering
+        await store.flush()
+        assert store.writes[1] == (fourth + 0.05, ["req-4"])
+        await store.aclose()
+    assert len(store.writes) == 2
+    assert stored_ids(path) == ["req-1", "req-2", "req-3", "req-4"]
+
+
+async def test_gathering_stops_at_a_full_batch(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    path = tmp_path / "usage.db"
+    store = TimedStore(path, batch_size=2, gather_seconds=0.05, drain_timeout=math.inf)
+    for name in ("req-1", "req-2", "req-3"):
+        await store.submit(make_record(name))
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        start = trio.current_time()
+        await store.flush()
+        await store.aclose()
+    # A full batch goes at once; the rest waits its gathering out.
+    assert store.writes == [(start, ["req-1", "req-2"]), (start + 0.05, ["req-3"])]
+
+
+async def test_cancelled_writer_spills_what_it_was_gathering(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    path = tmp_path / "usage.db"
+    store = GatedStore(path, gather_seconds=10.0)
+    flushed = False
+    async with trio.open_nursery() as nursery:
+        await writing(store, nursery)
+        await store.submit(make_record("req-gathered"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.queued == 0  # the writer holds it while it gathers
+
+        async def flush() -> None:
+            nonlocal flushed
+            await store.flush()
+            flushed = True
+
+        nursery.start_soon(flush)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert flushed is False  # its marker came after the gathered row, still queued
+    assert store.batches == []
+    assert spill_ids(store) == ["req-gathered"]
+    assert (store.spilled, store.written) == (1, 0)
+
+
 # --- a database slower than the traffic --------------------------------------------------
 
 
@@ -687,7 +769,9 @@ async def test_slow_database_never_holds_submit_past_its_bound(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
     path = tmp_path / "usage.db"
-    store = GatedStore(path, queue_size=2, submit_timeout=1.0, drain_timeout=math.inf)
+    store = GatedStore(
+        path, queue_size=2, submit_timeout=1.0, drain_timeout=math.inf, gather_seconds=0
+    )
     store.gate.clear()
     async with trio.open_nursery() as nursery:
         await writing(store, nursery)

@@ -27,9 +27,11 @@ Theory of operation
    so a slow database cannot hold a request. The send end of the channel
    belongs to the store itself; :meth:`UsageStore.aclose` closes it.
 2. **The writer task** (:meth:`UsageStore.run`) **owns the receive end** and
-   closes it with ``with`` on every way out. It takes whatever is queued (up
-   to ``batch_size`` records) and hands the batch to the database thread,
-   which inserts it in one transaction. Only the writer task waits for that;
+   closes it with ``with`` on every way out. Once a record arrives it lets
+   more gather for ``gather_seconds`` (submits meanwhile only queue, with no
+   task switch each), takes whatever is queued (up to ``batch_size``
+   records) and hands the batch to the database thread, which inserts it in
+   one transaction. Only the writer task waits for that;
    the event loop keeps running. :meth:`UsageStore.flush` waits until every
    record submitted so far is written (or spilled). The writer also runs the
    **import passes** (below), one chunk at a time between batches, so an
@@ -235,7 +237,9 @@ class UsageStore:
     waits at most ``submit_timeout`` seconds for room; ``aclose`` gives the
     writer ``drain_timeout`` seconds to write what is queued (``math.inf``: no
     limit). An import pass (and, in an outage, a reconnect) runs every
-    ``retry_interval`` seconds (``math.inf``: only at start).
+    ``retry_interval`` seconds (``math.inf``: only at start). Once a record
+    arrives, the writer waits ``gather_seconds`` for more before it writes
+    the batch (0: it writes what is queued at once).
     """
 
     def __init__(
@@ -249,10 +253,15 @@ class UsageStore:
         submit_timeout: float = 1.0,
         drain_timeout: float = 10.0,
         retry_interval: float = 30.0,
+        gather_seconds: float = 0.05,
     ) -> None:
         if queue_size < 1 or batch_size < 1:
             raise ValueError("queue_size and batch_size must be at least 1")
-        for name, value in (("submit_timeout", submit_timeout), ("drain_timeout", drain_timeout)):
+        for name, value in (
+            ("submit_timeout", submit_timeout),
+            ("drain_timeout", drain_timeout),
+            ("gather_seconds", gather_seconds),
+        ):
             if math.isnan(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if not retry_interval > 0:
@@ -264,6 +273,7 @@ class UsageStore:
         self.submit_timeout = submit_timeout
         self.drain_timeout = drain_timeout
         self.retry_interval = retry_interval
+        self.gather_seconds = gather_seconds
         # Counters, read by the metrics (``queued`` is a property).
         self.written = 0
         self.spilled = 0
@@ -477,8 +487,9 @@ class UsageStore:
         """Up to ``batch_size`` queued records, the flush markers among them, and whether
         the channel is closed and empty.
 
-        Waits for the first record until the next pass is due; does not wait
-        at all while a pass is under way (its next step is due at once).
+        Waits for the first record until the next pass is due, then
+        ``gather_seconds`` for more (:meth:`_gather`); does not wait at all
+        while a pass is under way (its next step is due at once).
         """
         rows: list[Row] = []
         markers: list[trio.Event] = []
@@ -495,6 +506,7 @@ class UsageStore:
             return rows, markers, False
         except trio.EndOfChannel:
             return rows, markers, True
+        gathered = self._pass is not None or self.gather_seconds <= 0
         while True:
             if isinstance(item, trio.Event):
                 markers.append(item)
@@ -504,8 +516,33 @@ class UsageStore:
                 return rows, markers, False
             try:
                 item = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):  # closed: the next take says so
+            except trio.WouldBlock:
+                if gathered or not rows:
+                    return rows, markers, False
+                gathered = True
+                await self._gather(rows, markers)
+                try:
+                    item = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    return rows, markers, False
+            except trio.EndOfChannel:  # closed: the next take says so
                 return rows, markers, False
+
+    async def _gather(self, rows: list[Row], markers: list[trio.Event]) -> None:
+        """Let more records join ``rows`` for ``gather_seconds``. A checkpoint.
+
+        Records submitted meanwhile only queue: no task switch per record,
+        and one transaction (one trip to the database thread) per gathering
+        rather than per record. Cancellation spills ``rows`` and releases
+        the flush markers taken, as a cancelled write does.
+        """
+        try:
+            await trio.sleep(self.gather_seconds)
+        except trio.Cancelled:
+            self._spill(rows, "the usage writer was cancelled while gathering them")
+            for marker in markers:
+                marker.set()
+            raise
 
     async def _write(self, rows: list[Row]) -> None:
         """Write one batch on the database thread; on any failure spill it.
