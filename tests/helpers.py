@@ -7,6 +7,9 @@
 * :class:`AsgiCall` plays the client side of one ASGI request: it feeds the
   request body, records what the app sends, and can disconnect, or stop
   reading, at a chosen moment.
+* :class:`ListSink` keeps the records a gateway leaves, and
+  :func:`start_serving` puts a gateway on a real hypercorn for the tests
+  that drive it with real clients.
 
 Both only ever wait on Trio primitives, so under
 ``MockClock(autojump_threshold=0)`` every timeout fires deterministically
@@ -23,6 +26,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,9 @@ from trio_gateway._core.config import (
     Upstream,
     hash_key,
 )
+from trio_gateway._core.record import RequestRecord
 from trio_gateway._proxy.app import Gateway
+from trio_gateway._server.serve import serve
 from trio_gateway.sse import SSEDecoder, SSEEvent
 
 FUZZ_LONG = os.environ.get("TRIO_GATEWAY_FUZZ") == "long"
@@ -47,6 +53,46 @@ CLIENT_KEY = "client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
 PUBLIC_MODEL = "kilo/free-model"
 UPSTREAM_MODEL = "vendor/model:free"
+
+
+class ListSink:
+    """A record sink that keeps every record it is given.
+
+    ``submit`` is what the usage store's is to a request: a schedule point
+    that no cancellation interrupts. With ``block`` it never returns (a
+    stuck sink).
+    """
+
+    def __init__(self, *, block: bool = False) -> None:
+        self.records: list[RequestRecord] = []
+        self.block = block
+        self._changed = trio.Event()
+
+    async def submit(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+        self._changed = trio.Event()
+        if self.block:
+            await trio.sleep_forever()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def nth(self, count: int, *, limit: float = 20.0) -> RequestRecord:
+        """The ``count``-th record, once it has arrived. A checkpoint, bounded by ``limit``."""
+        with trio.fail_after(limit):
+            while len(self.records) < count:
+                await self._changed.wait()
+        return self.records[count - 1]
+
+
+async def start_serving(nursery: trio.Nursery, gateway: Gateway) -> tuple[str, trio.Event]:
+    """Serve ``gateway`` with hypercorn on 127.0.0.1 at a free port, in ``nursery``.
+
+    A checkpoint. Returns its URL, and the event that stops it (a graceful
+    shutdown) once set.
+    """
+    stop = trio.Event()
+    urls = await nursery.start(partial(serve, gateway, "127.0.0.1:0", shutdown_trigger=stop.wait))
+    return urls[0], stop
 
 
 class Stall:

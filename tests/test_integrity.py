@@ -31,13 +31,13 @@ from tests.helpers import (
     AsgiCall,
     FakeResponse,
     FakeUpstream,
+    ListSink,
     make_config,
     sse,
 )
 from tests.test_fault_matrix import KINDS, PATHS, events_of, request_for
 from trio_gateway import Gateway
 from trio_gateway._core.kinds import Failure, FailureType
-from trio_gateway._core.record import RequestRecord
 from trio_gateway._rewrite.base import Policy, StreamRewriter, rewrite_json_body
 from trio_gateway._rewrite.chat import ChatPolicy
 from trio_gateway._rewrite.messages import MessagesPolicy
@@ -56,16 +56,6 @@ POLICIES: dict[StreamKind, type[Policy]] = {
     "messages": MessagesPolicy,
     "responses": ResponsesPolicy,
 }
-
-
-class ListSink:
-    """A record sink that keeps every record it is given."""
-
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
 
 
 class Replay:

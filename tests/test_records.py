@@ -21,6 +21,7 @@ from tests.helpers import (
     BodyStep,
     FakeResponse,
     FakeUpstream,
+    ListSink,
     make_config,
     paced,
 )
@@ -30,17 +31,6 @@ from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord
 from trio_gateway._proxy.app import Gateway
 from trio_gateway.testing.mock_upstream import Script, StreamKind, render_json, render_stream
-
-
-class ListSink:
-    def __init__(self, *, block: bool = False) -> None:
-        self.records: list[RequestRecord] = []
-        self.block = block
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        if self.block:
-            await trio.sleep_forever()
 
 
 def gateway_with(respond: Any, sink: ListSink, **config: Any) -> tuple[Gateway, FakeUpstream]:

@@ -616,6 +616,28 @@ def assert_no_client_headers(request: httpx.Request) -> None:
         assert request.headers.get_list(name) == [value]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_cookie_the_upstream_sets_is_never_sent_back(
+    stream: bool, autojump_clock: trio.testing.MockClock
+):
+    # The upstream client is shared by every request: a cookie set while
+    # answering one client must not travel with the next client's request.
+    cookie = {"set-cookie": "__cf_bm=upstream-session; path=/; domain=upstream.invalid"}
+    if stream:
+        answer = FakeResponse(body=sse({"model": UPSTREAM_MODEL}, "[DONE]"), extra_headers=cookie)
+    else:
+        answer = json_answer(CHAT_ANSWER, extra_headers=cookie)
+    gateway, upstream = make_gateway(answer)
+    payload = {**JSON_KINDS["chat"][1], "stream": stream}
+    for _ in range(2):
+        call = await AsgiCall.json(payload).run(gateway)
+        assert call.status == 200
+    assert len(upstream.requests) == 2
+    for request in upstream.requests:
+        assert "cookie" not in request.headers
+        assert b"upstream-session" not in b"".join(v for _, v in request.headers.raw)
+
+
 async def test_upstream_gets_bearer_upstream_key_and_no_client_headers(
     autojump_clock: trio.testing.MockClock,
 ):

@@ -31,8 +31,16 @@ import pytest
 import trio
 import trio.testing
 
-from tests.helpers import CLIENT_KEY, STALL, AsgiCall, BodyStep, FakeResponse, FakeUpstream
-from trio_gateway import serve
+from tests.helpers import (
+    CLIENT_KEY,
+    STALL,
+    AsgiCall,
+    BodyStep,
+    FakeResponse,
+    FakeUpstream,
+    ListSink,
+    start_serving,
+)
 from trio_gateway._core.config import (
     ConfigError,
     Deployment,
@@ -142,14 +150,6 @@ class ByUpstream:
     @property
     def upstreams(self) -> list[str]:
         return [asked.upstream for asked in self.asked]
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
 
 
 @dataclass
@@ -1020,27 +1020,10 @@ E2E_KEY = "routing-e2e-key"
 PRIMARY, FALLBACK = "e2e/smart", "e2e/cheap"
 
 
-class E2ESink:
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-        self._changed = trio.Event()
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def nth(self, count: int) -> RequestRecord:
-        with trio.fail_after(TIME_LIMIT):
-            while len(self.records) < count:
-                await self._changed.wait()
-        return self.records[count - 1]
-
-
 @dataclass
 class Stack:
     url: str
-    sink: E2ESink
+    sink: ListSink
     failing: MockUpstream
 
 
@@ -1061,13 +1044,10 @@ async def stack(nursery: trio.Nursery) -> AsyncIterator[Stack]:
         },
         keys=(KeyEntry("sdk", hash_key(E2E_KEY)),),
     )
-    sink = E2ESink()
-    stopped = trio.Event()
-    urls = await nursery.start(
-        partial(serve, Gateway(config, sinks=[sink]), "127.0.0.1:0", shutdown_trigger=stopped.wait)
-    )
-    yield Stack(urls[0], sink, failing)
-    stopped.set()
+    sink = ListSink()
+    url, stop = await start_serving(nursery, Gateway(config, sinks=[sink]))
+    yield Stack(url, sink, failing)
+    stop.set()
 
 
 async def in_thread(fn: Callable[[], T]) -> T:

@@ -12,7 +12,6 @@ return half an answer as if it were whole. Each test has an absolute
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import anthropic
@@ -20,10 +19,10 @@ import openai
 import pytest
 import trio
 
-from trio_gateway import Gateway, GatewayConfig, serve
+from tests.helpers import ListSink, start_serving
+from trio_gateway import Gateway, GatewayConfig
 from trio_gateway._core.config import KeyEntry, ModelRoute, Upstream, hash_key
 from trio_gateway._core.kinds import FailureType
-from trio_gateway._core.record import RequestRecord
 from trio_gateway.testing.mock_upstream import MockUpstream, Script, script_from_request
 
 CLIENT_KEY = "sdk-client-key"
@@ -32,26 +31,6 @@ MODEL = "sdk/free-model"
 UPSTREAM_MODEL = "vendor/hidden-model:free"
 TIME_LIMIT = 20
 T = TypeVar("T")
-
-
-class ListSink:
-    """Keeps records; :meth:`last` waits for the one the request leaves after its answer."""
-
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-        self._changed = trio.Event()
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def last(self, count: int) -> RequestRecord:
-        """The ``count``-th record, once it has arrived. A checkpoint, bounded in time."""
-        with trio.fail_after(TIME_LIMIT):
-            while len(self.records) < count:
-                await self._changed.wait()
-        return self.records[count - 1]
 
 
 class Stack:
@@ -75,14 +54,11 @@ async def stack(nursery: trio.Nursery) -> AsyncIterator[Stack]:
         keys=(KeyEntry("sdk", hash_key(CLIENT_KEY)),),
     )
     sink = ListSink()
-    stopped = trio.Event()
-    urls = await nursery.start(
-        partial(serve, Gateway(config, sinks=[sink]), "127.0.0.1:0", shutdown_trigger=stopped.wait)
-    )
-    stack = Stack(urls[0], sink)
+    url, stop = await start_serving(nursery, Gateway(config, sinks=[sink]))
+    stack = Stack(url, sink)
     yield stack
     stack.close()
-    stopped.set()
+    stop.set()
 
 
 async def in_thread(fn: Callable[[], T]) -> T:
@@ -117,7 +93,7 @@ async def test_openai_chat_stream_cut_or_garbled_raises(stack: Stack, body: dict
         with pytest.raises(openai.APIError):
             await in_thread(consume)
     expected = FailureType.UPSTREAM_TRUNCATED if "fault" in body["mock_script"] else None
-    assert (await stack.sink.last(1)).error_type is (expected or FailureType.UPSTREAM_INVALID)
+    assert (await stack.sink.nth(1)).error_type is (expected or FailureType.UPSTREAM_INVALID)
 
 
 async def test_openai_chat_json_cut_raises(stack: Stack):
@@ -129,7 +105,7 @@ async def test_openai_chat_json_cut_raises(stack: Stack):
                 )
             )
     assert raised.value.status_code == 502
-    assert (await stack.sink.last(1)).error_type is FailureType.UPSTREAM_TRUNCATED
+    assert (await stack.sink.nth(1)).error_type is FailureType.UPSTREAM_TRUNCATED
 
 
 @pytest.mark.parametrize("body", [cut(1500), garbage(8)], ids=["clean-eof", "garbage"])
@@ -156,7 +132,7 @@ async def test_openai_responses_complete_stream_still_works(stack: Stack):
             ]
         )
     assert events[-1] == "response.completed"
-    assert (await stack.sink.last(1)).error_type is None
+    assert (await stack.sink.nth(1)).error_type is None
 
 
 @pytest.mark.parametrize("body", [cut(700), garbage(4)], ids=["clean-eof", "garbage"])
@@ -173,7 +149,7 @@ async def test_anthropic_messages_stream_cut_or_garbled_raises(stack: Stack, bod
     with trio.fail_after(TIME_LIMIT):
         with pytest.raises(anthropic.APIError):
             await in_thread(consume)
-    assert (await stack.sink.last(1)).error_type in (
+    assert (await stack.sink.nth(1)).error_type in (
         FailureType.UPSTREAM_TRUNCATED,
         FailureType.UPSTREAM_INVALID,
     )

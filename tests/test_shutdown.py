@@ -44,11 +44,11 @@ from tests.helpers import (
     AsgiCall,
     FakeResponse,
     FakeUpstream,
+    ListSink,
     make_config,
 )
 from trio_gateway._core.config import Timeouts, hash_key
 from trio_gateway._core.kinds import FailureType
-from trio_gateway._core.record import RequestRecord
 from trio_gateway._proxy.app import Gateway
 from trio_gateway._server.serve import _ShutdownSignals, serve
 from trio_gateway.sse import SSEDecoder, SSEEvent
@@ -293,15 +293,6 @@ async def test_a_third_signal_ends_the_process_at_once(tmp_path: Path, nursery: 
 
 
 # -- in process: serve()'s triggers through a real hypercorn ---------------------------
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[RequestRecord] = []
-
-    async def submit(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        await trio.lowlevel.checkpoint()
 
 
 def stalled_streams(request: httpx.Request) -> FakeResponse:

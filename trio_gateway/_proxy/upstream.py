@@ -178,8 +178,13 @@ async def close_response(response: httpx.Response) -> None:
 
     A checkpoint, but shielded and bounded: it runs to the end (or for at most
     a couple of seconds) even inside a cancelled scope, because closing the
-    socket is what makes the provider stop generating.
+    socket is what makes the provider stop generating. A response already
+    closed (each owner on the way out closes it again) costs one schedule
+    point and no cancel scope.
     """
+    if response.is_closed:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + _CLOSE_GRACE
         await response.aclose()
@@ -210,6 +215,10 @@ class Upstreams:
             read=None,
         )
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # What httpx's build_request would merge in per request, made once:
+        # the parsed URL of each endpoint, and the client's timeouts.
+        self._urls: dict[tuple[str, Kind], httpx.URL] = {}
+        self._extensions = {"timeout": httpx_timeout.as_dict()}
         self._clients = {
             name: httpx.AsyncClient(
                 timeout=httpx_timeout,
@@ -240,6 +249,10 @@ class Upstreams:
 
         ``forwarded`` holds the only client headers that go along (API
         versions and betas: :data:`~trio_gateway._proxy.asgi.FORWARDED_CLIENT_HEADERS`).
+        Built directly rather than by the client's ``build_request``, which
+        would parse the URL and merge default headers on every request, and
+        would send back cookies the upstream set while answering other
+        clients (the client's jar is shared by every request).
         """
         headers: list[tuple[str, str]] = [
             ("content-type", content_type),
@@ -254,8 +267,11 @@ class Upstreams:
         headers.extend(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in forwarded
         )
-        return self._clients[upstream.name].build_request(
-            "POST", upstream.base_url + kind.path, content=body, headers=headers
+        url = self._urls.get((upstream.name, kind))
+        if url is None:
+            url = self._urls[upstream.name, kind] = httpx.URL(upstream.base_url + kind.path)
+        return httpx.Request(
+            "POST", url, content=body, headers=headers, extensions=self._extensions
         )
 
     async def open(
