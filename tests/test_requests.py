@@ -636,6 +636,7 @@ async def test_a_cookie_the_upstream_sets_is_never_sent_back(
     for request in upstream.requests:
         assert "cookie" not in request.headers
         assert b"upstream-session" not in b"".join(v for _, v in request.headers.raw)
+    assert not list(gateway.upstreams._clients["vendor"].cookies.jar)  # not even kept
 
 
 async def test_upstream_gets_bearer_upstream_key_and_no_client_headers(

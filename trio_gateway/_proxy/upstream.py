@@ -13,6 +13,7 @@ credentials and every other client header stay behind.
 
 from __future__ import annotations
 
+import http.cookiejar
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
@@ -190,6 +191,11 @@ async def close_response(response: httpx.Response) -> None:
         await response.aclose()
 
 
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps none: an upstream's cookies are not the gateway's to keep."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
 def _finite(seconds: float) -> float | None:
     return None if math.isinf(seconds) else seconds
 
@@ -226,6 +232,7 @@ class Upstreams:
                 transport=transport,
                 follow_redirects=False,
                 trust_env=False,
+                cookies=_no_cookies(),
             )
             for name in config.upstreams
         }
