@@ -21,6 +21,7 @@ import pytest
 
 from bench._contenders import UPSTREAM_MODEL
 from bench._faults import Answer, Outcome, classify, layout, make_plans
+from bench._micro import main as micro
 from bench._report import summarize, within_runs
 from bench._soak import late_slope
 from trio_gateway.testing.mock_upstream import Script, StreamKind, render_json, render_stream
@@ -236,3 +237,12 @@ def test_chaos_and_soak_smoke(tmp_path: Path) -> None:
     statuses = {t["target"]: t["status"] for t in result["targets"]}
     assert statuses["burst streams per second, gateway / bare"] == "not measured"
     assert statuses["chaos: cut or corrupted answers passed as complete"] in {"met", "missed"}
+
+
+def test_micro_prints_every_piece(capsys: pytest.CaptureFixture[str]) -> None:
+    assert micro(["--number", "50", "--repeat", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    pieces = {row.split(" | ")[0][2:]: float(row.split(" | ")[1].rstrip(" |")) for row in rows}
+    assert len(pieces) == 15
+    assert "request: the watchdog task (spawn, sleep, cancel)" in pieces
+    assert all(value > 0 for name, value in pieces.items() if "hand-over" not in name)

@@ -36,11 +36,12 @@ from trio_gateway._proxy.pipeline import (
     _BATCH_BYTES,
     _BATCH_SECONDS,
     KEEPALIVE_COMMENT,
+    Watchdog,
     _Batch,
     stream_events,
 )
 from trio_gateway._proxy.upstream import ExchangeControl
-from trio_gateway._rewrite.base import GATEWAY_COMMENT, StreamRewriter
+from trio_gateway._rewrite.base import GATEWAY_COMMENT, PassThroughPolicy, StreamRewriter
 from trio_gateway._rewrite.messages import MessagesPolicy
 from trio_gateway.sse import SSEDecoder
 
@@ -692,7 +693,7 @@ async def test_a_batch_is_full_at_its_size_or_after_its_time(
     assert batch.full(), "a batch is full at 64 KiB"
 
 
-# --- One watchdog per stream: every timer at its exact deadline ---------------------------------
+# --- The watchdog: every timer at its exact deadline -------------------------------------------
 
 
 async def test_a_stall_that_begins_while_the_watchdog_sleeps_fires_on_time(
@@ -745,6 +746,89 @@ async def test_idle_counts_from_the_last_chunk_exactly(autojump_clock: trio.test
     times = [t - start for part, t in zip(call.parts, call.part_times, strict=True)]
     keepalives = [t for part, t in zip(call.parts, times, strict=True) if part == KEEPALIVE_COMMENT]
     assert keepalives == [22.0, 37.0, 49.0]
+
+
+async def test_one_watchdog_times_every_stream_of_a_gateway_exactly(
+    autojump_clock: trio.testing.MockClock,
+):
+    # Three streams begin at 0, 4 and 9 s; each sends one event, then nothing.
+    # Each has its own keepalives (12 s after its event, then 24) and its own
+    # idle timeout (30 s after its event), though one task times them all.
+    event = sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []})[0]
+    gateway, upstream = make_gateway(
+        FakeResponse(body=[event, STALL]), timeouts=Timeouts(idle=30, keepalive=12)
+    )
+    calls = [request_for("chat") for _ in range(3)]
+    starts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for call, delay in zip(calls, [0, 4, 5], strict=True):
+            await trio.sleep(delay)
+            starts.append(trio.current_time())
+            nursery.start_soon(call.run, gateway)
+    watchdog = gateway._exchanger._watchdog
+    for call, body, start in zip(calls, upstream.bodies, starts, strict=True):
+        assert body.closed_at == start + 30
+        keepalives = [
+            t - start
+            for part, t in zip(call.parts, call.part_times, strict=True)
+            if part == KEEPALIVE_COMMENT
+        ]
+        assert keepalives == [12.0, 24.0]
+        assert orjson.loads(call.events[-1].data or "")["error"]["type"] == "idle_timeout"
+    assert gateway._exchanger._watchdog is watchdog  # one per run, not one per stream
+    assert watchdog.size == 0  # every stream left it when it fired
+
+
+async def test_a_stream_with_shorter_timers_wakes_a_sleeping_watchdog(
+    autojump_clock: trio.testing.MockClock,
+):
+    # The watchdog sleeps towards the first stream's first look (1000 s). A
+    # second stream, with a 5 s idle timeout, arrives at 2 s: it must still
+    # time out at exactly 7 s.
+    watchdog = Watchdog()
+    slow_body, quick_body = FakeBody([STALL]), FakeBody([STALL])
+    ended: dict[str, float] = {}
+
+    async def stream(name: str, body: FakeBody, timeouts: Timeouts) -> None:
+        response = httpx.Response(200, stream=body)
+        rewriter = StreamRewriter(MessagesPolicy(PUBLIC_MODEL, free=True))
+        result = await stream_events(
+            response, rewriter, _Collected(), timeouts, ExchangeControl(), watchdog=watchdog
+        )
+        assert result.failure is not None
+        assert result.failure.type is FailureType.IDLE_TIMEOUT
+        ended[name] = trio.current_time()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        async with trio.open_nursery() as streams:
+            streams.start_soon(stream, "slow", slow_body, Timeouts(idle=1000, keepalive=2000))
+            await trio.sleep(2)
+            streams.start_soon(stream, "quick", quick_body, Timeouts(idle=5, keepalive=2000))
+        nursery.cancel_scope.cancel(reason="test over")
+    assert ended == {"quick": start + 7, "slow": start + 1000}
+    assert quick_body.closed_at == start + 7
+
+
+async def test_ended_streams_do_not_pile_up_in_the_watchdog(
+    autojump_clock: trio.testing.MockClock,
+):
+    # 500 streams that end at once, with timers minutes long: the heap is
+    # rebuilt without them once they are over half of it, not kept for minutes.
+    watchdog = Watchdog()
+    answer = b"".join(sse({"id": "a", "model": UPSTREAM_MODEL, "choices": []}, "[DONE]"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        for _ in range(500):
+            response = httpx.Response(200, stream=FakeBody([answer]))
+            rewriter = StreamRewriter(PassThroughPolicy(PUBLIC_MODEL, free=True))
+            result = await stream_events(
+                response, rewriter, _Collected(), Timeouts(), ExchangeControl(), watchdog=watchdog
+            )
+            assert result.failure is None
+            assert watchdog.size <= 64
+        nursery.cancel_scope.cancel(reason="test over")
 
 
 async def test_a_chunk_whose_only_change_is_the_model_keeps_every_other_byte(

@@ -28,7 +28,12 @@ beside the disconnect watcher, and owns everything upstream-side:
    status line or a byte has gone to the client.
 3. A committed 2xx event stream is answered with the gateway's own stream
    headers and handed to :func:`~trio_gateway._proxy.pipeline.stream_events`,
-   which owns the response from then on and closes it.
+   which owns the response from then on and closes it. Its timers are the
+   gateway's one :class:`~trio_gateway._proxy.pipeline.Watchdog`, a Trio
+   *system task* started with the first stream of each Trio run (so it runs
+   whether or not the ASGI server sends lifespan events, and Trio cancels
+   it when the run ends). It owns no channel end: it cancels a stream's
+   reader scope, or hands its writer the keepalive word without blocking.
 4. Anything else is read whole (bounded in size and silence), rewritten if it
    is JSON, and sent with a content-length; this module's ``finally`` closes
    the response. The last failed attempt's answer is passed on the same way
@@ -67,7 +72,7 @@ from trio_gateway._core.routing import (
 )
 from trio_gateway._proxy.asgi import AsgiBody, Send, send_raw
 from trio_gateway._proxy.checks import Prepared
-from trio_gateway._proxy.pipeline import StreamResult, stream_events
+from trio_gateway._proxy.pipeline import StreamResult, Watchdog, stream_events
 from trio_gateway._proxy.router import Router, first_chunk, wait_until
 from trio_gateway._proxy.upstream import (
     ExchangeControl,
@@ -124,6 +129,16 @@ class Exchanger:
         self._upstreams = upstreams
         self._metrics = metrics
         self._router = router
+        self._watchdog = Watchdog()
+        self._watchdog_run: trio.lowlevel.TrioToken | None = None  # the run it runs in
+
+    def _running_watchdog(self) -> Watchdog:
+        """The streams' watchdog of this Trio run, started on first use. Not a checkpoint."""
+        run = trio.lowlevel.current_trio_token()
+        if self._watchdog_run is not run:
+            self._watchdog, self._watchdog_run = Watchdog(), run
+            trio.lowlevel.spawn_system_task(self._watchdog.run, name="trio-gateway stream timers")
+        return self._watchdog
 
     async def run(
         self,
@@ -325,6 +340,7 @@ class Exchanger:
                     control,
                     self._metrics,
                     result,
+                    self._running_watchdog(),
                 )
         finally:
             await close_response(response)  # if stream_events never started
