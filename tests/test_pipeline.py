@@ -454,12 +454,22 @@ async def test_drain_returns_early_when_streams_finish(autojump_clock: trio.test
     assert_clean_and_rewritten("chat", call)
 
 
-def test_connect_timeout_is_configured_on_every_upstream_client():
-    gateway, _ = make_gateway(FakeResponse(), timeouts=Timeouts(connect=7, first_byte=99))
+async def test_connect_timeout_goes_with_every_upstream_request(
+    autojump_clock: trio.testing.MockClock,
+):
+    # httpx reads the timeouts from each request, and requests are built
+    # without the client's build_request: each must still carry them.
+    gateway, upstream = make_gateway(
+        FakeResponse(body=sse("[DONE]")), timeouts=Timeouts(connect=7, first_byte=99)
+    )
     for client in gateway.upstreams._clients.values():
         assert client.timeout.connect == 7
-        assert client.timeout.pool == 7
-        assert client.timeout.read is None  # idle is the gateway's own scope, per chunk
+    for _ in range(2):
+        await request_for("chat").run(gateway)
+    for request in upstream.requests:
+        # read is None: idle is the gateway's own scope, per chunk.
+        timeout = {"connect": 7, "pool": 7, "write": 99, "read": None}
+        assert request.extensions["timeout"] == timeout
 
 
 def test_nothing_parses_sse_with_splitlines_or_aiter_lines():

@@ -57,8 +57,9 @@ its nursery::
      :class:`~trio_gateway._proxy.upstream.ExchangeControl`), never the
      reader itself, so it can still close the upstream and hand the failure
      over.
-   * When the writer returns, ``stream_events`` cancels the reader and the
-     watchdog with a reason.
+   * When the writer returns, ``stream_events`` cancels the reader (and a
+     watchdog of the stream's own, if it runs one) with a reason, and the
+     stream leaves the shared watchdog's heap.
 
 6. **Timers without deadline moves, and without a task per stream.** The
    reader and the writer only stamp when each wait began (:class:`_Clocks`).

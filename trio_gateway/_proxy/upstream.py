@@ -221,10 +221,11 @@ class Upstreams:
             read=None,
         )
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        # What httpx's build_request would merge in per request, made once:
-        # the parsed URL of each endpoint, and the client's timeouts.
+        # What httpx's build_request would make per request, made once: the
+        # parsed URL of each endpoint, and the timeouts (else send() converts
+        # the client's for every request).
         self._urls: dict[tuple[str, Kind], httpx.URL] = {}
-        self._extensions = {"timeout": httpx_timeout.as_dict()}
+        self._timeout = httpx_timeout.as_dict()  # read, never written, by httpx and httpcore
         self._clients = {
             name: httpx.AsyncClient(
                 timeout=httpx_timeout,
@@ -278,7 +279,7 @@ class Upstreams:
         if url is None:
             url = self._urls[upstream.name, kind] = httpx.URL(upstream.base_url + kind.path)
         return httpx.Request(
-            "POST", url, content=body, headers=headers, extensions=self._extensions
+            "POST", url, content=body, headers=headers, extensions={"timeout": self._timeout}
         )
 
     async def open(
