@@ -195,11 +195,9 @@ class _Clocks:
         self.writer_since = math.inf
         self.scope = trio.CancelScope()  # the reader's timer, entered by the reader
         self.fired: FailureType | None = None
-        self.idle, self.stall, self.keepalive = (
-            timeouts.idle,
-            timeouts.client_stall,
-            timeouts.keepalive,
-        )
+        self.idle = timeouts.idle
+        self.stall = timeouts.client_stall
+        self.keepalive = timeouts.keepalive
         self.step = min(self.idle, self.stall, self.keepalive)
         self.to_writer = to_writer  # for the keepalive word; the watchdog never blocks on it
         self.watched = True

@@ -64,9 +64,8 @@ class ResponsesPolicy(Policy):
         """The rules for a ``response`` object (an event's, or a whole answer)."""
         from_responses(body, self.extracted)
         changed = set_model(body, "model", self.public_model)
-        changed |= self.hide_upstream_model(
-            body.get("error")
-        )  # response.failed's, or a whole error
+        # The error of response.failed, or of a whole error answer.
+        changed |= self.hide_upstream_model(body.get("error"))
         if self.free:
             changed |= strip_cost(body.get("usage"))
         return changed
