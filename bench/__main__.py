@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="shrink every scenario (smoke test)")
     parser.add_argument(
         "--contenders",
-        help="comma-separated subset of direct,bare,gateway,litellm,nginx (default: all found)",
+        help="comma-separated subset of direct,bare,gateway,gateway-b,litellm,nginx"
+        " (default: all found; gateway-b runs the source $TRIO_GATEWAY_BENCH_B_SOURCE names)",
     )
     parser.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="result file (JSON)")
     parser.add_argument(

@@ -52,6 +52,7 @@ PUBLIC_MODEL = "bench/free-model"
 UPSTREAM_MODEL = "mock-vendor/model:free"
 _UPSTREAM_KEY_ENV = "TRIO_GATEWAY_BENCH_UPSTREAM_KEY"
 SOURCE_ENV = "TRIO_GATEWAY_BENCH_GATEWAY_SOURCE"
+B_SOURCE_ENV = "TRIO_GATEWAY_BENCH_B_SOURCE"  # a folder: the gateway-b contender runs its code
 TRACEMALLOC_ENV = "TRIO_GATEWAY_BENCH_TRACEMALLOC"
 PROFILE_ENV = "TRIO_GATEWAY_BENCH_PROFILE"  # a folder: the gateway runs under cProfile
 _ALL_KINDS = frozenset({"chat", "messages", "responses"})
@@ -154,10 +155,33 @@ class Gateway(_Ours):
             output = Path(profiles) / f"gateway-{port}.prof"
             argv[1:1] = ["-m", "cProfile", "-o", str(output)]
         env = bench_env() | {_UPSTREAM_KEY_ENV: "bench-upstream-key"}
-        if source := os.environ.get(SOURCE_ENV):
+        if source := self.source():
             env["PYTHONPATH"] = os.pathsep.join([source, env["PYTHONPATH"]])
         async with running(self.name, argv, port, workdir, env=env) as server:
             yield Endpoint(port, PUBLIC_MODEL, server, database=usage_database(workdir, port))
+
+    def source(self) -> str | None:
+        """The folder whose ``trio_gateway`` runs, if not this clone's."""
+        return os.environ.get(SOURCE_ENV)
+
+
+class GatewayB(Gateway):
+    """A second gateway, from the folder ``$TRIO_GATEWAY_BENCH_B_SOURCE`` names.
+
+    For judging a lever: the two gateways run in the same rounds, in
+    alternating order with bare, so "gateway-b / bare" and "gateway / bare"
+    are read off the same machine state. Left out when the variable is unset.
+    """
+
+    name = "gateway-b"
+
+    def missing(self) -> str | None:
+        if not os.environ.get(B_SOURCE_ENV):
+            return f"no second source (${B_SOURCE_ENV})"
+        return None
+
+    def source(self) -> str | None:
+        return os.environ.get(B_SOURCE_ENV)
 
 
 def usage_database(workdir: Path, port: int) -> Path:
@@ -287,7 +311,7 @@ http {{
 
 def all_contenders() -> list[Contender]:
     """Every contender, in table order: the baselines, ours, then the peers."""
-    return [Direct(), Bare(), Gateway(), LiteLLM(), Nginx()]
+    return [Direct(), Bare(), Gateway(), GatewayB(), LiteLLM(), Nginx()]
 
 
 def bench_env() -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench._contenders import UPSTREAM_MODEL
+from bench._contenders import B_SOURCE_ENV, UPSTREAM_MODEL, GatewayB
 from bench._faults import Answer, Outcome, classify, layout, make_plans
 from bench._micro import main as micro
 from bench._report import summarize, within_runs
@@ -46,12 +46,21 @@ def test_ratios_are_taken_within_each_run_then_medianed() -> None:
     assert summary["ratio_to_bare"] == {"gateway": {"cpu": 2.0}}
 
 
+def test_gateway_b_runs_only_with_a_second_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(B_SOURCE_ENV, raising=False)
+    assert GatewayB().missing() == f"no second source (${B_SOURCE_ENV})"
+    monkeypatch.setenv(B_SOURCE_ENV, "/somewhere/else")
+    assert GatewayB().missing() is None
+    assert GatewayB().source() == "/somewhere/else"
+
+
 def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_GATEWAY_BENCH_")}
+    env[B_SOURCE_ENV] = str(ROOT)  # gateway-b: this clone's code again, for a lever's A/B
     profiles = tmp_path / "profiles"
     command = [sys.executable, "-m", "bench", "trickle", "short", "cancel", "--quick", "--runs"]
-    command += ["1", "--contenders", "direct,bare,gateway", "--out", str(out)]
+    command += ["1", "--contenders", "direct,bare,gateway,gateway-b", "--out", str(out)]
     command += ["--profile", str(profiles)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode()
@@ -67,17 +76,18 @@ def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:
     trickle, cancel = result["scenarios"]["trickle"], result["scenarios"]["cancel"]
     assert trickle["failures"] == cancel["failures"] == []
     (run,) = trickle["runs"]
-    assert run.keys() == {"direct", "bare", "gateway"}
+    assert run.keys() == {"direct", "bare", "gateway", "gateway-b"}
     for name, figures in run.items():
         assert figures["errors"] == 0, name
         assert figures["events"] == figures["events_expected"] > 0, name
         assert figures["mock_cpu_s"] > 0, name
-    for name in ("bare", "gateway"):
+    for name in ("bare", "gateway", "gateway-b"):
         assert run[name]["server_cpu_s"] > 0
         assert run[name]["cpu_us_per_event"] > 0
         assert run[name]["peak_rss_mib"] > 1
     assert run["direct"]["server_cpu_s"] is None  # no process in the middle
     assert trickle["ratio_to_bare"]["gateway"]["cpu_us_per_event"] > 0
+    assert trickle["ratio_to_bare"]["gateway-b"]["cpu_us_per_event"] > 0
     for figures in cancel["runs"][0].values():
         assert figures["errors"] == figures["missed"] == 0
         assert 0 <= figures["close_p50_ms"] <= figures["close_p99_ms"] < 1000

@@ -28,7 +28,12 @@ from trio_gateway._accounting.usage_store import UsageStore
 from trio_gateway._core.config import Timeouts
 from trio_gateway._core.kinds import FailureType, Kind
 from trio_gateway._core.record import RequestRecord, Usage
-from trio_gateway._proxy.pipeline import KEEPALIVE_COMMENT, StreamObserver, stream_events
+from trio_gateway._proxy.pipeline import (
+    KEEPALIVE_COMMENT,
+    LATENCY_SAMPLE,
+    StreamObserver,
+    stream_events,
+)
 from trio_gateway._proxy.upstream import ExchangeControl
 from trio_gateway._rewrite.base import PassThroughPolicy, StreamRewriter
 
@@ -315,7 +320,11 @@ async def test_the_pipeline_reports_keepalives_and_forwarded_chunks(
     metrics = GatewayMetrics()
     observer: StreamObserver = metrics  # the pipeline's protocol, checked by mypy
     # Two events 40 s apart with keepalive at 15 s: two keepalives in the gap.
-    steps: list[BodyStep] = [*sse("one"), 40.0, *sse("two"), *sse("[DONE]")]
+    # Then 18 more, a second apart: 20 sends in all, as none arrived together.
+    steps: list[BodyStep] = [*sse("one"), 40.0, *sse("two")]
+    for number in range(18):
+        steps += [1.0, *sse(f"more {number}")]
+    steps += sse("[DONE]")
     response = httpx.Response(200, stream=FakeBody(steps))
     body = _Body()
     rewriter = StreamRewriter(PassThroughPolicy("m1", free=False))
@@ -325,8 +334,11 @@ async def test_the_pipeline_reports_keepalives_and_forwarded_chunks(
     assert body.parts.count(KEEPALIVE_COMMENT) == 2
     got = scrape(metrics)
     assert got["trio_gateway_keepalives_total"] == {labels(): 2}
-    # Each event was handed over the moment it arrived: the mock clock did not move.
-    assert got["trio_gateway_added_latency_seconds_count"] == {labels(): 2}
+    assert len(body.parts) == 20 + 2 + 1  # the sends of events, the keepalives, the ending
+    # One send in eight reports its latency: the 1st, the 9th and the 17th. Each
+    # event was handed over the moment it arrived: the mock clock did not move.
+    assert LATENCY_SAMPLE == 8
+    assert got["trio_gateway_added_latency_seconds_count"] == {labels(): 3}
     assert got["trio_gateway_added_latency_seconds_sum"] == {labels(): 0.0}
 
 

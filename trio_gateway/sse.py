@@ -210,6 +210,10 @@ class SSEDecoder:
                 buffer = buffer[len(_BOM) :]
         items: list[SSEEvent] = []
         pos = self._scan(buffer, items)
+        if pos == len(buffer):  # the usual chunk: whole lines, nothing pending
+            if self._partial:
+                self._partial = bytearray()
+            return items  # each line was checked against the limit as it was read
         self._partial = bytearray(buffer[pos:])
         self._check_pending()
         return items
@@ -259,6 +263,8 @@ class SSEDecoder:
                     if item is not None:
                         items.append(item)
                         pos = blank + 2
+                        if pos == len(buffer):  # the usual chunk: one whole event
+                            return pos
                         continue
                 end = find(b"\n", pos)
                 if end < 0:
@@ -290,10 +296,11 @@ class SSEDecoder:
             head, block = block[:newline], block[newline + 1 :]
             if not head.startswith(b"event: ") or b"\n" in block:
                 return None
-            event = _decode(head[7:])
+            event = head[7:].decode("utf-8", "replace")
         if not block.startswith(b"data: "):
             return None
-        return SSEEvent(event=event, data=_decode(block[6:]), raw=buffer[start : blank + 2])
+        data = block[6:].decode("utf-8", "replace")
+        return SSEEvent(event, data, None, None, None, buffer[start : blank + 2])
 
     def _line(self, line: bytes, raw: bytes, items: list[SSEEvent]) -> None:
         if not line:

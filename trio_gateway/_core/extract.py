@@ -43,7 +43,8 @@ def from_chat(obj: dict[str, Any], into: Extracted) -> None:
     choices = obj.get("choices")
     if isinstance(choices, list):
         for choice in choices:
-            into.note_finish(_dict(choice).get("finish_reason"))
+            if isinstance(choice, dict) and (finish := choice.get("finish_reason")) is not None:
+                into.note_finish(finish)
     usage = obj.get("usage")
     if isinstance(usage, dict):
         into.usage.merge(

@@ -104,6 +104,7 @@ from trio_gateway._rewrite.base import StreamRewriter
 
 __all__ = [
     "KEEPALIVE_COMMENT",
+    "LATENCY_SAMPLE",
     "ClientBody",
     "StreamObserver",
     "StreamResult",
@@ -116,6 +117,10 @@ _BATCH_BYTES = 64 * 1024  # the most rewritten bytes gathered for one send
 # The longest a batch may wait for more: each pass of a busy scheduler runs
 # every other stream, so gathering must not cost an event more than this.
 _BATCH_SECONDS = 0.005
+# One send in this many reports its added latency (the first of each stream
+# included): an unbiased sample of the distribution, for an eighth of the cost
+# of a histogram update per send (see docs/operations.md, "Added latency").
+LATENCY_SAMPLE = 8
 
 
 class StreamObserver(Protocol):
@@ -127,8 +132,10 @@ class StreamObserver(Protocol):
     def chunk_forwarded(self, latency: float) -> None:
         """Rewritten bytes of one or more upstream chunks (a batch) were handed to the server.
 
-        ``latency`` is the gateway's own added delay: seconds from the
-        arrival from upstream of the batch's first chunk to that hand-off.
+        Called for one send in ``LATENCY_SAMPLE`` of each stream: the first,
+        and every ``LATENCY_SAMPLE``-th after it. ``latency`` is the
+        gateway's own added delay: seconds from the arrival from upstream of
+        the batch's first chunk to that hand-off.
         """
 
 
@@ -390,7 +397,8 @@ class _Batch:
     """Rewritten bytes gathered for one send, with when and since when they waited.
 
     ``arrived_at``: when the first chunk came from upstream (for the added
-    latency metric); ``started_at``: when the writer began gathering.
+    latency metric); ``started_at``: when the writer began gathering (None
+    until :meth:`full` is first called).
     """
 
     __slots__ = ("arrived_at", "parts", "size", "started_at")
@@ -400,20 +408,28 @@ class _Batch:
         self.parts: list[bytes] = []
         self.size = 0
         self.arrived_at = 0.0
-        self.started_at = 0.0
+        self.started_at: float | None = None
 
     def add(self, out: bytes, arrived_at: float) -> None:
         if out:
             if not self.size:
                 self.arrived_at = arrived_at
-                self.started_at = trio.current_time()
             self.parts.append(out)
             self.size += len(out)
 
     def full(self) -> bool:
-        """Whether to send now rather than wait for the reader's next chunk."""
-        return self.size > 0 and (
-            self.size >= _BATCH_BYTES or trio.current_time() - self.started_at >= _BATCH_SECONDS
+        """Whether to send now rather than wait for the reader's next chunk.
+
+        Called when a chunk was waiting for the writer. The first call of a
+        batch starts its clock: no checkpoint came since any chunk was added,
+        so that is when gathering began; a chunk the writer waited for and
+        sends alone never reads the clock.
+        """
+        now = trio.current_time()
+        if self.started_at is None:
+            self.started_at = now
+        return self.size >= _BATCH_BYTES or (
+            self.size > 0 and now - self.started_at >= _BATCH_SECONDS
         )
 
     def take(self) -> bytes:
@@ -421,6 +437,7 @@ class _Batch:
         data = b"".join(self.parts)
         self.parts.clear()
         self.size = 0
+        self.started_at = None
         return data
 
 
@@ -447,15 +464,20 @@ async def _write_client(
     to hand over its next chunk, which it has only if no network read was
     needed, and so on; then it sends all it gathered at once, up to
     ``_BATCH_BYTES`` and for at most ``_BATCH_SECONDS`` (a pass of a busy
-    scheduler can take milliseconds). A chunk the writer had to wait for is
-    sent at once: batching never waits on the network.
+    scheduler can take milliseconds). A chunk the
+    writer had to wait for is sent at once: batching never waits on the
+    network. One send in ``LATENCY_SAMPLE`` reports its added latency to
+    ``observer``.
     """
     batch = _Batch()
+    sends = 0
 
     async def flush() -> None:
+        nonlocal sends
         data = batch.take()
-        if observer is not None:
+        if observer is not None and not sends % LATENCY_SAMPLE:
             observer.chunk_forwarded(trio.current_time() - batch.arrived_at)
+        sends += 1
         await body.send(data)
         if result.first_content_at is None and rewriter.policy.content_started:
             result.first_content_at = trio.current_time()
@@ -474,6 +496,7 @@ async def _write_client(
                 if batch.size:
                     await flush()
                     continue
+                batch.started_at = None  # chunks that completed no event started none
                 clocks.writer_since = trio.current_time()
                 try:
                     item = await from_reader.receive()

@@ -46,13 +46,12 @@ class ChatPolicy(Policy):
         chunk = require_object(event)
         if chunk is None:
             return None
-        if isinstance(chunk.get("id"), str):
-            self.last_id = chunk["id"]
-        self._note_progress(chunk)
+        chunk_id = chunk.get("id")
+        if isinstance(chunk_id, str):
+            self.last_id = chunk_id
         model = chunk.get("model")
-        changed = self._rewrite_all_but_the_model(chunk)
-        if "error" not in chunk:
-            changed |= _fix_for_strict_clients(chunk)
+        changed = self._chunk_rules(chunk)
+        changed |= self._rewrite_all_but_the_model(chunk)
         if not changed:
             if model is None or model == self.public_model:
                 return None
@@ -78,7 +77,8 @@ class ChatPolicy(Policy):
     def _rewrite_all_but_the_model(self, body: dict[str, Any]) -> bool:
         """Usage read first; then cost, ``cached_tokens`` and the model hidden in errors."""
         from_chat(body, self.extracted)
-        changed = self.hide_upstream_model(body.get("error"))
+        error = body.get("error")
+        changed = error is not None and self.hide_upstream_model(error)
         usage = body.get("usage")
         if isinstance(usage, dict):
             if self.free:
@@ -92,30 +92,43 @@ class ChatPolicy(Policy):
                 changed = True
         return changed
 
-    def _note_progress(self, chunk: dict[str, Any]) -> None:
-        """Track content and completion: a finished choice completes the answer.
+    def _chunk_rules(self, chunk: dict[str, Any]) -> bool:
+        """The rules of chunks alone, in one pass over ``choices``; whether the chunk changed.
 
-        A later chunk with choices but no finish (more content, another
-        choice still running) makes it incomplete again. A usage chunk (one
-        that carries ``usage``; OpenRouter's also has an empty choice) leaves
-        it as it is.
+        Progress and completion: a finished choice completes the answer. A
+        later chunk with choices but no finish (more content, another choice
+        still running) makes it incomplete again. A usage chunk (one that
+        carries ``usage``; OpenRouter's also has an empty choice) leaves it
+        as it is.
+
+        The fixes for strict clients, except in an error chunk: a chunk
+        gets ``choices``, and a null ``delta.role`` is dropped.
         """
         choices = chunk.get("choices")
+        if choices is None:
+            if "error" in chunk:
+                return False
+            chunk["choices"] = []
+            return True
         if not isinstance(choices, list) or not choices:
-            return
-        usage_chunk = isinstance(chunk.get("usage"), dict)
-        finished = False
+            return False
+        fix = "error" not in chunk
+        finished = changed = False
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             if choice.get("finish_reason") is not None:
                 finished = True
-            if not self.content_started:
-                delta = choice.get("delta")
-                if isinstance(delta, dict) and any(delta.get(n) for n in _CONTENT_FIELDS):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if not self.content_started and any(delta.get(n) for n in _CONTENT_FIELDS):
                     self.content_started = True
-        if finished or not usage_chunk:
+                if fix and "role" in delta and delta["role"] is None:
+                    del delta["role"]
+                    changed = True
+        if finished or not isinstance(chunk.get("usage"), dict):
             self.complete = finished
+        return changed
 
     def error_event(self, failure: Failure) -> bytes:
         error: dict[str, Any] = {
@@ -127,19 +140,3 @@ class ChatPolicy(Policy):
         if self.last_id is not None:
             payload = {"id": self.last_id, **payload}
         return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def _fix_for_strict_clients(chunk: dict[str, Any]) -> bool:
-    """Give a chunk ``choices`` and drop null ``delta.role``; return whether it changed."""
-    choices = chunk.get("choices")
-    if choices is None:
-        chunk["choices"] = []
-        return True
-    changed = False
-    if isinstance(choices, list):
-        for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and "role" in delta and delta["role"] is None:
-                del delta["role"]
-                changed = True
-    return changed
