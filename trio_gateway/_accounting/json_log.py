@@ -52,7 +52,7 @@ import orjson
 import trio
 
 from trio_gateway._core.config import LOG_LEVELS as LEVELS
-from trio_gateway._core.record import FIELDS, RequestRecord
+from trio_gateway._core.record import FIELDS, RequestRecord, log_readers, read_fields
 
 __all__ = [
     "LEVELS",
@@ -75,6 +75,7 @@ _LOGGED: Final = tuple(f for f in FIELDS if f.log_first) + tuple(
 )
 #: Every key of a line, in order; format_record emits exactly these.
 LOG_FIELDS: Final = tuple(f.key for f in _LOGGED)
+_LOG_READERS: Final = log_readers(_LOGGED)
 
 
 def format_record(record: RequestRecord) -> str:
@@ -83,7 +84,8 @@ def format_record(record: RequestRecord) -> str:
     Missing figures are ``null``; timings are milliseconds rounded to the
     microsecond. Never raises for a record built from any upstream answer.
     """
-    return orjson.dumps({f.key: f.log(record) for f in _LOGGED}).decode()
+    values = read_fields(record, _LOG_READERS)
+    return orjson.dumps(dict(zip(LOG_FIELDS, values, strict=True))).decode()
 
 
 _BATCH_SECONDS: Final = 0.02  # how often the worker looks for lines to write

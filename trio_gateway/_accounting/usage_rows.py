@@ -24,7 +24,14 @@ from typing import Any, Final
 
 import orjson
 
-from trio_gateway._core.record import FIELDS, RequestRecord, SQLValue, Usage
+from trio_gateway._core.record import (
+    FIELDS,
+    RequestRecord,
+    SQLValue,
+    Usage,
+    column_readers,
+    read_fields,
+)
 
 __all__ = [
     "COLUMNS",
@@ -62,6 +69,7 @@ SCHEMA_VERSION: Final = max(FIELDS_IN_VERSION)
 
 #: The ``requests`` columns in insert order, and the keys of a spill line.
 COLUMNS: Final = tuple(f.name for f in FIELDS)
+_COLUMN_READERS: Final = column_readers(FIELDS)
 
 TABLE: Final = "requests"
 #: The column that tells records apart: UNIQUE, and the conflict target of INSERT.
@@ -167,7 +175,7 @@ def record_to_row(record: RequestRecord) -> Row:
     FailureType its value. Nothing is checked here: a bad value is for the
     database to refuse.
     """
-    return tuple(f.column(record) for f in FIELDS)
+    return tuple(read_fields(record, _COLUMN_READERS))
 
 
 def record_from_row(row: Sequence[Any] | Mapping[str, Any]) -> RequestRecord:

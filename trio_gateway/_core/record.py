@@ -54,10 +54,14 @@ __all__ = [
     "UNSTORED",
     "Codec",
     "Field",
+    "FieldReader",
     "RecordSink",
     "RequestRecord",
     "SQLValue",
     "Usage",
+    "column_readers",
+    "log_readers",
+    "read_fields",
 ]
 
 #: A value as SQLite stores it.
@@ -247,25 +251,44 @@ class Field:
         """The column's type and nullability: ``TEXT NOT NULL``, ``REAL``, ..."""
         return self.codec.sql_type + (" NOT NULL" if self.not_null else "")
 
-    # The codec's rule, in each of the three below (inline: they run for every
-    # field of every request): None stays None; no function keeps the value.
-
-    def column(self, record: RequestRecord) -> SQLValue:
-        """The field's column value for ``record``."""
-        value = getattr(record.usage if self.usage else record, self.name)
-        convert = self.codec.to_column
-        return value if value is None or convert is None else convert(value)
-
     def from_column(self, value: Any) -> Any:
-        """The attribute value a column value stands for; ValueError if it can stand for none."""
+        """The attribute value a column value stands for; ValueError if it can stand for none.
+
+        The codec's rule, as in :func:`read_fields`: None stays None; no
+        function keeps the value.
+        """
         convert = self.codec.from_column
         return value if value is None or convert is None else convert(value)
 
-    def log(self, record: RequestRecord) -> Any:
-        """The field's value in the request log line for ``record`` (JSON-ready)."""
-        value = getattr(record.usage if self.usage else record, self.name)
-        convert = self.codec.to_log
-        return value if value is None or convert is None else convert(value)
+
+#: How to read one field of a record: from its usage?, the attribute, the
+#: codec's function (to_column or to_log) or None.
+FieldReader = tuple[bool, str, Callable[[Any], Any] | None]
+
+
+def column_readers(fields: tuple[Field, ...]) -> tuple[FieldReader, ...]:
+    """The readers of ``fields``' column values, for :func:`read_fields`."""
+    return tuple((f.usage, f.name, f.codec.to_column) for f in fields)
+
+
+def log_readers(fields: tuple[Field, ...]) -> tuple[FieldReader, ...]:
+    """The readers of ``fields``' values in the request log line, for :func:`read_fields`."""
+    return tuple((f.usage, f.name, f.codec.to_log) for f in fields)
+
+
+def read_fields(record: RequestRecord, readers: tuple[FieldReader, ...]) -> list[Any]:
+    """Each field's value for ``record``, converted by its codec: None stays None; no
+    function keeps the value.
+
+    One loop for every field of a request (it runs twice per request, for
+    its row and its log line), so the readers are made once, at import.
+    """
+    usage = record.usage
+    values = []
+    for in_usage, name, convert in readers:
+        value = getattr(usage if in_usage else record, name)
+        values.append(value if value is None or convert is None else convert(value))
+    return values
 
 
 #: Every stored and logged field, in column order; see the module docstring.
