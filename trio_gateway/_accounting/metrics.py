@@ -19,9 +19,10 @@ Theory of operation
    gateway's own added latency come through the
    :class:`~trio_gateway._proxy.pipeline.StreamObserver` calls
    (:meth:`GatewayMetrics.keepalive_sent`,
-   :meth:`GatewayMetrics.chunk_forwarded`), made per send on the hot path:
-   they touch metrics without labels, bound at construction, so no label
-   is looked up per call (about 1 µs each).
+   :meth:`GatewayMetrics.chunk_forwarded`), made on the hot path (a
+   keepalive each, and one send in eight of each stream, sampled by the
+   pipeline): they touch metrics without labels, bound at construction, so
+   no label is looked up per call (about 1 µs each).
 4. **The usage store's health is read at scrape time.** A collector reads
    the store's counters (:class:`StoreHealth`) when ``/metrics`` is rendered,
    so the figures are never stale and the store never calls into metrics.
@@ -367,7 +368,10 @@ class GatewayMetrics:
         self._keepalives.inc()
 
     def chunk_forwarded(self, latency: float) -> None:
-        """Bytes were handed to the server ``latency`` seconds after their first chunk arrived."""
+        """Bytes were handed to the server ``latency`` seconds after their first chunk arrived.
+
+        The pipeline reports one send in eight of each stream (``LATENCY_SAMPLE``).
+        """
         self._added_latency.observe(latency)
 
     def observe_added_latency(self, seconds: float) -> None:

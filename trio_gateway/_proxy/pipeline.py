@@ -163,6 +163,7 @@ class _Keepalive:
 
 
 _KEEPALIVE = _Keepalive()
+_NOTHING = _Keepalive()  # the writer's "no item yet"; never sent
 _ChannelItem = bytes | Failure | _Keepalive
 
 
@@ -485,9 +486,20 @@ async def _write_client(
     with from_reader:
         yields_left = 0  # scheduler passes to give a reader that is ahead
         while True:
-            try:
-                item = from_reader.receive_nowait()
-            except trio.WouldBlock:
+            item: _ChannelItem | None = _NOTHING
+            # The channel holds nothing: only a reader blocked in its hand-over
+            # has a chunk to take without waiting. Its flag is asked first, as a
+            # receive_nowait that finds nothing costs an exception.
+            if clocks.handing_over:
+                try:
+                    item = from_reader.receive_nowait()
+                except trio.WouldBlock:
+                    pass  # taken already; the reader has not run since
+                except trio.EndOfChannel:
+                    item = None
+                else:
+                    yields_left = 0 if batch.full() else 2
+            if item is _NOTHING:
                 if yields_left:  # it may hold chunks that need no network read
                     # Two passes: Trio may run the writer first in the next one.
                     yields_left -= 1
@@ -499,7 +511,7 @@ async def _write_client(
                 batch.started_at = None  # chunks that completed no event started none
                 clocks.writer_since = trio.current_time()
                 try:
-                    item = await from_reader.receive()
+                    item = await from_reader.receive()  # takes a chunk handed over meanwhile too
                 except trio.EndOfChannel:
                     return _clean_ending(rewriter, result)
                 clocks.writer_since = math.inf
@@ -508,10 +520,6 @@ async def _write_client(
                     if observer is not None:
                         observer.keepalive_sent()
                     continue
-            except trio.EndOfChannel:
-                item = None
-            else:
-                yields_left = 0 if batch.full() else 2
             if item.__class__ is not bytes:  # the end, or a failure
                 if batch.size:  # events before the end go out as they would have
                     await flush()
