@@ -465,10 +465,9 @@ async def _write_client(
     to hand over its next chunk, which it has only if no network read was
     needed, and so on; then it sends all it gathered at once, up to
     ``_BATCH_BYTES`` and for at most ``_BATCH_SECONDS`` (a pass of a busy
-    scheduler can take milliseconds). A chunk the
-    writer had to wait for is sent at once: batching never waits on the
-    network. One send in ``LATENCY_SAMPLE`` reports its added latency to
-    ``observer``.
+    scheduler can take milliseconds). A chunk the writer had to wait for is
+    sent at once: batching never waits on the network. One send in
+    ``LATENCY_SAMPLE`` reports its added latency to ``observer``.
     """
     batch = _Batch()
     sends = 0
