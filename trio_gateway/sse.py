@@ -296,11 +296,10 @@ class SSEDecoder:
             head, block = block[:newline], block[newline + 1 :]
             if not head.startswith(b"event: ") or b"\n" in block:
                 return None
-            event = head[7:].decode("utf-8", "replace")
+            event = _decode(head[7:])
         if not block.startswith(b"data: "):
             return None
-        data = block[6:].decode("utf-8", "replace")
-        return SSEEvent(event, data, None, None, None, buffer[start : blank + 2])
+        return SSEEvent(event=event, data=_decode(block[6:]), raw=buffer[start : blank + 2])
 
     def _line(self, line: bytes, raw: bytes, items: list[SSEEvent]) -> None:
         if not line:
