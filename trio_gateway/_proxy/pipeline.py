@@ -9,7 +9,7 @@ gateway's one :class:`Watchdog` task, shared by all its streams, or (when
 ``stream_events`` is called without one) a watchdog of the stream's own in
 its nursery::
 
-    upstream --aiter_raw--> [reader task] --channel(0)--> [writer] --ASGI send--> client
+    upstream --raw bytes--> [reader task] --channel(0)--> [writer] --ASGI send--> client
                                   ^                      ^   rewriter (pure, inline)
                                   +---- [watchdog] ------+
                        cancels the reader's scope   hands the writer the keepalive word
