@@ -314,7 +314,7 @@ class Burst(Base):
 
 @dataclass(frozen=True)
 class Short(Burst):
-    """Short streams (a 10-event answer) at 20 at a time: the cost of a request itself."""
+    """Short streams (an 11-event answer) at 20 at a time: the cost of a request itself."""
 
     name: ClassVar[str] = "short"
     headline: ClassVar[tuple[str, ...]] = (
@@ -327,7 +327,7 @@ class Short(Burst):
         "errors",
     )
     streams: int = 1500
-    tokens: int = 7  # with the role chunk, the finish, the usage and [DONE]: 10 events
+    tokens: int = 7  # with the role chunk, the finish, the usage and [DONE]: 11 events
 
     async def measure(self, endpoint: Endpoint, context: Context) -> Metrics:
         metrics = await super().measure(endpoint, context)

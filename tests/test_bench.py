@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,40 @@ def test_gateway_b_runs_only_with_a_second_source(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(B_SOURCE_ENV, "/somewhere/else")
     assert GatewayB().missing() is None
     assert GatewayB().source() == "/somewhere/else"
+
+
+def test_instruction_counts_are_repeatable_and_sane() -> None:
+    """``python -m bench._instructions --quick``: bare and the gateway, each load twice over
+    for bare; both counts of the same server agree, and the gateway does more work."""
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing:
+        reason = f"not installed: {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_GATEWAY_BENCH_")}
+    command = [sys.executable, "-m", "bench._instructions", "--quick"]
+    command += ["--contenders", "bare,gateway,bare"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in done.stdout.decode().splitlines()[2:]
+    ]
+    by_load: dict[str, list[list[str]]] = {}
+    for row in rows:
+        by_load.setdefault(row[0], []).append(row)
+    assert by_load.keys() == {"stream", "short"}
+    expected_events = {"stream": 34, "short": 110}  # 30 deltas + 4; ten 11-event streams
+    for load, (bare, gateway, bare_again) in by_load.items():
+        assert [bare[1], gateway[1], bare_again[1]] == ["bare", "gateway", "bare"]
+        for row in (bare, gateway, bare_again):
+            assert row[6:] == [str(expected_events[load]), "0"], row
+        loop = [int(row[2].replace(",", "")) for row in (bare, gateway, bare_again)]
+        assert loop[0] > 0
+        assert abs(loop[2] - loop[0]) <= 0.01 * loop[0], (load, loop)  # the same work again
+        assert 1.0 < float(gateway[5]) < 2.0, gateway  # the gateway parses and rewrites
+        assert float(bare_again[5]) == pytest.approx(1.0, abs=0.01)
 
 
 def test_quick_run_writes_a_sane_result_file(tmp_path: Path) -> None:

@@ -137,6 +137,49 @@ def test_example_stream_whole_bytewise_and_every_split_agree(name: str) -> None:
     assert replay(whole) == whole
 
 
+# A chunk that is one whole ``data:`` event, with nothing pending, takes the
+# decoder's shortcut; each case below puts such a chunk where the shortcut must
+# not change the items: after a partial line, a CR, an open block or a BOM.
+WHOLE_EVENT = b'data: {"a":1}\n\n'
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [WHOLE_EVENT, WHOLE_EVENT],
+        [b"data: {", WHOLE_EVENT],  # the chunk ends a pending line
+        [b"data: x\r", b"\n" + WHOLE_EVENT[:-1], b"\n"],
+        [b"data: x\r", WHOLE_EVENT],  # the LF a CR waits for is not there
+        [b"event: e\n", WHOLE_EVENT],  # an open block takes the data line
+        [b"id: 7\n\n", WHOLE_EVENT],
+        [BOM, WHOLE_EVENT],  # still at the start of the stream
+        [WHOLE_EVENT, BOM + WHOLE_EVENT],  # a BOM past the start is a field name
+        [b"data: \n\n", b"data:\n\n", b"data: \xff\n\n"],
+        [b"data: a\r\n\r\n", WHOLE_EVENT.replace(b"1", b"\r")],
+        [b": c\n\n", WHOLE_EVENT, b"data: a\ndata: b\n\n"],
+    ],
+)
+def test_a_whole_event_chunk_gives_the_items_of_any_other_split(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    expected = decode([data])  # several items in one buffer: no shortcut
+    assert decode(chunks) == expected
+    if b"\r" not in data:  # bytewise, a CR LF split apart keeps only the CR in raw
+        assert decode(bytewise(data)) == expected
+
+
+@pytest.mark.parametrize("size", [999, 1000, 1001])
+def test_a_whole_event_chunk_meets_the_size_limit_as_lines_do(size: int) -> None:
+    # A block of one data line counts its LF: the line may be max - 1 bytes.
+    chunk = b"data: " + b"x" * (size - 6) + b"\n\n"
+    if size >= 1000:
+        with pytest.raises(SSEEventTooLarge, match="grew past 1000 bytes"):
+            decode([chunk], max_event_bytes=1000)
+        with pytest.raises(SSEEventTooLarge, match="grew past 1000 bytes"):
+            decode(bytewise(chunk), max_event_bytes=1000)
+    else:
+        assert decode([chunk], max_event_bytes=1000) == [SSEEvent(data="x" * 993, raw=chunk)]
+
+
 def test_example_chat_fields() -> None:
     items = decode([example("chat.sse")])
     assert items[0] == cm("OPENROUTER PROCESSING", b": OPENROUTER PROCESSING\n")

@@ -279,7 +279,26 @@ def stream_and_chunks(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     return data, split_at(data, cuts)
 
 
+@st.composite
+def stream_cut_after_blank_lines(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A stream cut after every LF LF: chunks of whole blocks, as providers flush them.
+
+    Most of them take the decoder's shortcut for a chunk that is one whole
+    ``data:`` event with nothing pending.
+    """
+    data = draw(sse_stream())
+    return data, split_at(data, [m.end() for m in re.finditer(rb"\n\n", data)])
+
+
 # -- properties of the decoder ------------------------------------------------
+
+
+@PROFILE
+@given(stream_cut_after_blank_lines())
+def test_chunks_of_whole_blocks_give_the_same_items(case: tuple[bytes, list[bytes]]) -> None:
+    data, chunks = case
+    assert b"".join(chunks) == data
+    assert_same_up_to_split_crlf(reference_decode(data), decode(chunks))
 
 
 @PROFILE

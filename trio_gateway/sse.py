@@ -122,6 +122,10 @@ class SSEEvent(NamedTuple):
     raw: bytes = b""
 
 
+# What SSEEvent(...) calls, without its Python-level __new__: for the hot path.
+_new_event = tuple.__new__
+
+
 def _decode(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
@@ -178,6 +182,17 @@ class SSEDecoder:
             raise SSEError("feed() after close()")
         if not chunk:
             return []
+        if (
+            chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and not (self._partial or self._has_fields or self._skip_lf or self._at_start)
+            and len(chunk) - 2 < self._max_event_bytes
+            and _CR not in chunk
+        ):
+            # The usual chunk, one whole ``data:`` event and nothing pending:
+            # the item the rules below give, without scanning for it.
+            return [_new_event(SSEEvent, (None, _decode(chunk[6:-2]), None, None, None, chunk))]
         if self._skip_lf:
             self._skip_lf = False
             if chunk[0] == _LF:
