@@ -132,7 +132,7 @@ async def _callgrind_control(*args: str) -> None:
 async def count_instructions(name: str, load: Load, mock_port: int, workdir: Path) -> Count:
     """Run ``name``'s server under callgrind and count one ``load``. A checkpoint."""
     port = free_port()
-    out = workdir / f"callgrind-{name}-{load.name}.out"
+    out = workdir / f"callgrind-{name}-{load.name}-{port}.out"  # one per measurement
     argv = [
         *_VALGRIND,
         f"--callgrind-out-file={out}",

@@ -235,7 +235,9 @@ class Upstreams:
         self._urls: dict[tuple[str, Kind], httpx.URL] = {}
         self._timeout = httpx_timeout.as_dict()  # read, never written, by httpx and httpcore
         self._transports: dict[str, httpx.AsyncBaseTransport] = {
-            name: transport or httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+            name: transport
+            if transport is not None
+            else httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
             for name in config.upstreams
         }
 
